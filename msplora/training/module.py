@@ -1,0 +1,235 @@
+"""The LightningModule: load a `transformers` model, inject the pyramid, train adapter + head.
+
+    YAML -> LightningCLI -> MSPLoRAModule(model, pyramid, ...) + DataModule
+                              |  setup(): load model (task from the DataModule), inject
+                              v
+                 Trainer: AdamW on trainable params only, linear warmup/decay
+                              |
+                 checkpoint = adapter + head only; best -> adapter dir; metrics.json
+
+Problems: sequence classification and regression (a DataModule with a GLUE-style
+``spec``), and causal LM (any other DataModule; batches carry ``labels``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+import msplora
+from msplora.config import MSPLoRAConfig
+from msplora.hf import resolve_model
+
+# Linear maps targeted by default, per architecture family (DESIGN.md: q/v in the paper).
+DEFAULT_TARGETS = (["query", "value"], ["q_proj", "v_proj"], ["c_attn"])
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for targets in DEFAULT_TARGETS:
+        if set(targets) <= names:
+            return targets
+    raise msplora.ConfigError(
+        f"model.pyramid.targets: no default targets for {type(model).__name__}. Fix: set pyramid.targets"
+    )
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level children outside the backbone that hold parameters: the task head."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return [n for n, c in model.named_children() if n != prefix and any(True for _ in c.parameters())]
+
+
+class MSPLoRAModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "minilm",
+        pyramid: MSPLoRAConfig | None = None,
+        problem: str | None = None,
+        num_labels: int | None = None,
+        lr: float = 4e-4,
+        head_lr: float | None = None,
+        weight_decay: float = 0.1,
+        warmup_ratio: float = 0.06,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """Fine-tune a frozen transformer with an MSPLoRA adapter.
+
+        Args:
+            model: Hub name (``FacebookAI/roberta-base``), local folder, or an embedded alias
+                (``minilm``, ``smollm2``).
+            pyramid: the adapter (``MSPLoRAConfig``); None = paper defaults with targets
+                detected from the architecture (query/value, q_proj/v_proj, c_attn).
+            problem: ``classification``, ``regression`` or ``causal_lm``; None = from the
+                DataModule (a GLUE-style ``spec`` means classification/regression).
+            num_labels: classes (1 = regression); None = from the DataModule's task.
+            lr: learning rate of the adapter.
+            head_lr: learning rate of the task head; None = ``lr``.
+            weight_decay: AdamW weight decay on matrices (not on biases / norms).
+            warmup_ratio: fraction of the steps with linear warmup, then linear decay to 0.
+            dtype: base-model dtype (``float32``, ``bfloat16``); adapters stay fp32.
+            gradient_checkpointing: trade compute for memory in the backbone.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["pyramid"])
+        self.pyramid = pyramid
+        self.hparams["pyramid"] = None if pyramid is None else pyramid.to_dict()
+        self.model: nn.Module | None = None
+        self.spec = None
+        self.strict_loading = False  # checkpoints hold only adapter + head
+        self.val_metrics = nn.ModuleList()
+        self.test_metrics = nn.ModuleList()
+
+    # -- building ---------------------------------------------------------------------------
+    def _resolve_problem(self) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        self.spec = getattr(dm, "spec", None)
+        if self.hparams.problem is None:
+            if self.spec is None:
+                self.hparams.problem = "causal_lm"
+            else:
+                self.hparams.problem = "regression" if self.spec.is_regression else "classification"
+        if self.hparams.num_labels is None and self.spec is not None:
+            self.hparams.num_labels = self.spec.num_labels
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self._resolve_problem()
+        self.model = self.build_model()
+
+    def build_model(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        hp = self.hparams
+        path = resolve_model(hp.model)
+        dtype = getattr(torch, hp.dtype)
+        if hp.problem == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            if hp.num_labels is None:
+                raise msplora.ConfigError("model.num_labels: unknown. Fix: use a GLUE-style DataModule or set it")
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=hp.num_labels, dtype=dtype)
+            if model.config.pad_token_id is None:  # decoder backbones need it to find the last token
+                model.config.pad_token_id = model.config.eos_token_id
+        cfg = self.pyramid or MSPLoRAConfig(targets=default_targets(model))
+        if hp.problem != "causal_lm" and not cfg.modules_to_save:
+            cfg.modules_to_save = head_modules(model)
+        self.pyramid = cfg
+        self.hparams["pyramid"] = cfg.to_dict()
+        msplora.inject(model, cfg)
+        model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if self.spec is not None:
+            from msplora.training.metrics import build_metrics
+
+            n_val = len(getattr(self._trainer.datamodule, "val_names", [None]))
+            n_test = len(getattr(self._trainer.datamodule, "test_names", [None]))
+            self.val_metrics = nn.ModuleList(build_metrics(self.spec) for _ in range(n_val))
+            self.test_metrics = nn.ModuleList(build_metrics(self.spec) for _ in range(n_test))
+        return model
+
+    # -- naming of logged values --------------------------------------------------------------
+    def _prefix(self, stage: str, idx: int) -> str:
+        dm = self._trainer.datamodule
+        names = dm.val_names if stage == "val" else dm.test_names
+        suffix = names[idx].split("_", 1)[1] if "_" in names[idx] else ""
+        return f"{stage}_{suffix}" if suffix else stage
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        """(logged key, mode) used for model selection."""
+        if self.spec is None:
+            return "val/loss", "min"
+        return f"{self._prefix('val', 0)}/{self.spec.metric}", "max"
+
+    # -- steps ----------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> None:
+        out = self(batch)
+        prefix = self._prefix(stage, dataloader_idx) if self.spec is not None else stage
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{prefix}/loss", out.loss, batch_size=bs, add_dataloader_idx=False, sync_dist=True)
+        if self.spec is None:
+            return
+        labels = batch["labels"]
+        preds = out.logits.squeeze(-1) if self.spec.is_regression else out.logits.argmax(-1)
+        metrics = (self.val_metrics if stage == "val" else self.test_metrics)[dataloader_idx]
+        metrics.update(preds.float() if self.spec.is_regression else preds, labels)
+        self.log_dict({f"{prefix}/{k}": m for k, m in metrics.items()}, batch_size=bs, add_dataloader_idx=False,
+                      prog_bar=True)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        hp = self.hparams
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr = hp.lr if "msplora_bank" in name or hp.head_lr is None else hp.head_lr
+            wd = hp.weight_decay if p.ndim >= 2 else 0.0
+            groups.setdefault((lr, wd), []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 10_000
+        sched = get_linear_schedule_with_warmup(opt, int(hp.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: adapter + head only ---------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def trainable_summary(self) -> dict:
+        """Trainable counts of this run and of plain LoRA r=8 with the same head and targets."""
+        bank = msplora.get_bank(self.model)
+        adapter = msplora.adapter_parameters(self.model)
+        head = msplora.trainable_parameters(self.model) - adapter
+        lora = {"share": "layer", "rank": 8}
+        lora_adapter = sum(
+            msplora.parameter_count([lora], len(kb.layer_ids), {k: (kb.d_in, kb.d_out)})
+            for k, kb in bank.kinds.items()
+        )
+        return {
+            "trainable_params": adapter + head,
+            "adapter_params": adapter,
+            "lora_r8_params": lora_adapter + head,
+            "lora_r8_adapter_params": lora_adapter,
+            "params_per_level": {
+                lv: sum(r["params"] for r in msplora.parameter_report(self.model) if r["level"] == lv)
+                for lv in [lv.name for lv in bank.config.levels]
+            },
+        }
+
+    def configure_callbacks(self) -> list:
+        """Selection follows the task's metric, which is known only once the data is."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from msplora.training.callbacks import BestAdapter, MetricsJSON
+
+        self._resolve_problem()
+        monitor, mode = self.monitor
+        best = BestAdapter(monitor, mode)
+        ckpt = ModelCheckpoint(monitor=monitor, mode=mode, save_last=True, filename="best",
+                               auto_insert_metric_name=False)
+        return [ckpt, best, MetricsJSON(best)]

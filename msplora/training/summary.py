@@ -1,0 +1,37 @@
+"""``msplora summary RUN_DIR``: the newest metrics.json under RUN_DIR, as a small table and
+one JSON line (the last line of output, for scripts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def find_metrics(run: str | Path) -> Path:
+    run = Path(run)
+    if run.is_file():
+        return run
+    found = sorted(run.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"msplora summary: no metrics.json under {run}. Fix: pass the run's directory "
+                         "(trainer.default_root_dir of a finished fit)")
+    return found[-1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: msplora summary RUN_DIR")
+    path = find_metrics(argv[0])
+    m = json.loads(path.read_text())
+    line = {k: m.get(k) for k in ("task", "metric", "value", "trainable_params", "lora_r8_params",
+                                  "majority_baseline", "adapter_params", "lora_r8_adapter_params", "wall_time_s")}
+    line["run"] = str(path.parent)
+    print(f"run            {path.parent}")
+    print(f"task           {m.get('task')}   ({m.get('model')})")
+    print(f"{m.get('metric'):14s} {m.get('value')}   (majority-class baseline {m.get('majority_baseline')})")
+    print(f"trainable      {m.get('trainable_params'):,} MSPLoRA vs {m.get('lora_r8_params'):,} LoRA r=8 "
+          f"(adapter only: {m.get('adapter_params'):,} vs {m.get('lora_r8_adapter_params'):,})")
+    print(json.dumps(line))
+    return line

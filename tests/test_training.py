@@ -1,0 +1,130 @@
+"""fit / validate / test through the CLI on tiny models: configs, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import msplora
+from msplora.training.cli import cli_main
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+FIT_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
+
+
+def fit_args(tmp: Path, model_dir: Path, *extra: str, config: Path | None = None) -> list[str]:
+    args = ["--config", str(CONFIGS / "base.yaml")]
+    if config is not None:
+        args += ["--config", str(config)]
+    return args + [
+        f"--model.model={model_dir}",
+        f"--trainer.default_root_dir={tmp}",
+        "--trainer.accelerator=cpu",
+        "--data.init_args.max_train_samples=64",
+        "--data.init_args.max_eval_samples=32",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.max_length=32",
+        *extra,
+    ]
+
+
+def metrics_of(run: Path) -> dict:
+    return json.loads(next(run.rglob("metrics.json")).read_text())
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_smoke_runs(config, tmp_path, tiny_bert_dir, glue_dir):
+    cli = cli_main(fit_args(tmp_path, tiny_bert_dir, config=config), run=False)
+    data = cli.datamodule
+    extra = []
+    if data.spec.glue_folder:  # GPU users read the Hub; here the local GLUE files
+        if not (glue_dir / data.spec.glue_folder / "train.tsv").exists():
+            pytest.skip(f"no train file for {data.spec.name} in {glue_dir}")
+        extra.append(f"--data.init_args.data_dir={glue_dir}")
+    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.fast_dev_run=2", *extra, config=config)])
+    assert cli.model.hparams.pyramid["levels"][0]["rank"] >= 1
+
+
+def test_fit_real_glue_task_end_to_end(tmp_path, tiny_bert_dir, glue_dir):
+    """A tiny model on the original RTE files: metrics.json, small checkpoints, best adapter."""
+    args = fit_args(tmp_path, tiny_bert_dir, f"--data.init_args.data_dir={glue_dir}", "--trainer.max_epochs=2",
+                    config=CONFIGS / "rte.yaml")
+    cli_main(["fit", *args])
+    m = metrics_of(tmp_path)
+    assert m["task"] == "rte" and m["metric"] == "accuracy" and 0 <= m["value"] <= 1
+    assert m["global_step"] == 8 and m["epochs"] == 2
+    # adapter: 4 layers of 32x32 q/v at 8/4/2 with 3 groups; head: BERT's classifier 32*2+2
+    assert m["adapter_params"] == msplora.parameter_count(
+        [{"share": "global", "rank": 8}, {"share": "group", "rank": 4, "groups": 3}, {"share": "layer", "rank": 2}],
+        4, {"query": (32, 32), "value": (32, 32)})
+    assert m["trainable_params"] == m["adapter_params"] + 66
+    assert m["lora_r8_adapter_params"] == 2 * 8 * 64 * 4
+    run = next(tmp_path.rglob("metrics.json")).parent
+    assert (run / "config.yaml").exists() and (run / "metrics.csv").exists()
+    # checkpoints hold the adapter and head only: close to trainable params x 4 bytes
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    assert sum(v.numel() for v in ckpt["state_dict"].values()) == m["trainable_params"]
+    assert (run / "checkpoints" / "best.ckpt").stat().st_size < 5 * 4 * m["trainable_params"] + 200_000
+    # the best adapter directory reproduces the best checkpoint's weights
+    state = load_file(run / "best_adapter" / "adapter_model.safetensors")
+    assert torch.equal(state["global.query.A"].reshape(-1, 32), ckpt["state_dict"]["model.msplora_bank.kinds.query.A"][:8])
+
+
+def test_resume_from_checkpoint(tmp_path, tiny_bert_dir):
+    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1")])
+    last = next(tmp_path.rglob("last.ckpt"))
+    cli = cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=2", f"--ckpt_path={last}")])
+    assert cli.trainer.global_step == 8  # 4 steps restored + 4 new
+    assert cli.trainer.current_epoch == 2
+
+
+def test_validate_and_test_write_metrics(tmp_path, tiny_bert_dir):
+    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--data.init_args.val_fraction=0.2")])
+    run = next(tmp_path.rglob("metrics.json")).parent
+    cli_main(["test", *fit_args(tmp_path, tiny_bert_dir, "--data.init_args.val_fraction=0.2",
+                                f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}")])
+    tested = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    assert any("test/accuracy" in m.get("final", {}) for m in tested)
+
+
+def test_bad_config_fails_with_clear_message(tmp_path, tiny_bert_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "msplora", "fit", *fit_args(tmp_path, tiny_bert_dir, "--model.pyramid.targets=[q_proj]")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode != 0
+    assert "matches no module" in proc.stderr and "query" in proc.stderr
+
+
+DDP_SCRIPT = """
+import sys, torch, msplora
+from msplora.training.cli import cli_main
+cli = cli_main(sys.argv[1:])
+rank = cli.trainer.global_rank
+bank = msplora.get_bank(cli.model.model)
+torch.save({k: v.detach().clone() for k, v in bank.state_dict().items()}, f"{cli.trainer.default_root_dir}/rank{rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_the_same_adapter(tmp_path, tiny_bert_dir):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    args = fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--trainer.devices=2",
+                    "--trainer.strategy=ddp")
+    proc = subprocess.run([sys.executable, str(script), "fit", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith(".B"))  # it did train
+    m = metrics_of(tmp_path)
+    assert m["global_step"] == 2  # 64 samples / (16 x 2 ranks)
