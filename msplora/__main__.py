@@ -1,9 +1,9 @@
 """``msplora`` / ``python -m msplora``:
 
-    fit | validate | test | predict   LightningCLI (``--help`` lists every option)
-    summary RUN_DIR                   print a run's metrics.json as one JSON line
-    analyze RUN [--against LORA_RUN]  singular-value spectra and cross-layer KL plots
-    answer --questions Q --model-id N MT-bench answers in FastChat format
+fit | validate | test | predict   LightningCLI (``--help`` lists every option)
+summary RUN_DIR                   print a run's metrics.json as one JSON line
+analyze RUN [--against LORA_RUN]  singular-value spectra and cross-layer KL plots
+answer --questions Q --model-id N MT-bench answers in FastChat format
 """
 
 from __future__ import annotations

@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(_time(fn, args.steps))
     med = {name: statistics.median(ts) for name, ts in times.items()}
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.length}, "
-          f"{args.rounds} rounds x {args.steps} steps, median seconds per step")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.length}, "
+        f"{args.rounds} rounds x {args.steps} steps, median seconds per step"
+    )
     print("training step (forward + backward + AdamW):")
     for name in train:
         print(f"  {name:10s} {med[name] * 1000:8.1f} ms  ({med[name] / med['peft_lora']:.3f}x peft_lora)")

@@ -177,7 +177,11 @@ class MSPLoRAConfig:
     def from_dict(cls, d: dict[str, Any]) -> MSPLoRAConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            _fail(", ".join(sorted(unknown)), "unknown config keys", f"use only {[f.name for f in dataclasses.fields(cls)]}")
+            _fail(
+                ", ".join(sorted(unknown)),
+                "unknown config keys",
+                f"use only {[f.name for f in dataclasses.fields(cls)]}",
+            )
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

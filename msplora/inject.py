@@ -82,9 +82,7 @@ def find_targets(model: nn.Module, config: MSPLoRAConfig) -> list[Target]:
         fifo = isinstance(mod, conv1d) if config.fan_in_fan_out is None else config.fan_in_fan_out
         found.append((name, mod, m["stack"], int(m["idx"]), m["rel"], fifo))
     if not found:
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, conv1d))}
-        )
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, conv1d))})
         raise ConfigError(
             f"targets: {config.targets!r} matches no module of {type(model).__name__}. "
             f"Fix: use some of its linear layers: {linear}"
@@ -103,7 +101,11 @@ def find_targets(model: nn.Module, config: MSPLoRAConfig) -> list[Target]:
 
 def _bank_dtype(weight: torch.Tensor) -> torch.dtype:
     # Adapters train in fp32 beside a half-precision base (as peft does); fp64 stays fp64.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
+    return (
+        torch.float32
+        if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point()
+        else weight.dtype
+    )
 
 
 def _plan(model: nn.Module, config: MSPLoRAConfig) -> dict[str, list[Target]]:
@@ -141,7 +143,9 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
     """Wrap the targets of ``model`` in place, freeze everything but the adapter (and
     ``modules_to_save``), and return the model. Works on the ``meta`` device."""
     if get_bank(model, required=False) is not None:
-        raise ConfigError("model: already has an MSPLoRA adapter. Fix: inject into a fresh model, or merge_and_unload first")
+        raise ConfigError(
+            "model: already has an MSPLoRA adapter. Fix: inject into a fresh model, or merge_and_unload first"
+        )
     plan = _plan(model, config)
     save_modules = _modules_to_save(model, config)
     kinds = {}
@@ -156,7 +160,9 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
         p.requires_grad_(False)
     for kind, ts in plan.items():
         for pos, t in enumerate(ts):
-            _set_module(model, t.name, MSPLoRALinear(t.module, kinds[kind], kind, pos, config.dropout, t.fan_in_fan_out))
+            _set_module(
+                model, t.name, MSPLoRALinear(t.module, kinds[kind], kind, pos, config.dropout, t.fan_in_fan_out)
+            )
     setattr(model, PREFIX, bank)
     for _, mod in save_modules:
         mod.requires_grad_(True)
@@ -204,8 +210,16 @@ def parameter_report(model: nn.Module) -> list[dict]:
     for kind, kb in get_bank(model).kinds.items():
         for k, lv in enumerate(kb.levels):
             rows.append(
-                dict(level=lv.name, share=lv.share, kind=kind, rank=lv.rank, cells=kb.n_cells[k],
-                     d_in=kb.d_in, d_out=kb.d_out, params=lv.rank * kb.n_cells[k] * (kb.d_in + kb.d_out))
+                dict(
+                    level=lv.name,
+                    share=lv.share,
+                    kind=kind,
+                    rank=lv.rank,
+                    cells=kb.n_cells[k],
+                    d_in=kb.d_in,
+                    d_out=kb.d_out,
+                    params=lv.rank * kb.n_cells[k] * (kb.d_in + kb.d_out),
+                )
             )
     return rows
 
@@ -294,8 +308,7 @@ def layer_updates(model: nn.Module) -> dict[tuple[str, int], torch.Tensor]:
 # -- save / load ----------------------------------------------------------------------------
 def _layout(model: nn.Module) -> dict[str, dict]:
     return {
-        kind: {"d_in": kb.d_in, "d_out": kb.d_out, "layers": kb.layer_ids}
-        for kind, kb in get_bank(model).kinds.items()
+        kind: {"d_in": kb.d_in, "d_out": kb.d_out, "layers": kb.layer_ids} for kind, kb in get_bank(model).kinds.items()
     }
 
 

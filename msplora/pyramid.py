@@ -38,9 +38,7 @@ def group_sizes(n_layers: int, groups: int | None = None, group_size: int | None
     return [group_size] * full + ([rest] if rest else [])
 
 
-def cell_of_layer(
-    share: str, n_layers: int, groups: int | None = None, group_size: int | None = None
-) -> list[int]:
+def cell_of_layer(share: str, n_layers: int, groups: int | None = None, group_size: int | None = None) -> list[int]:
     """Cell index of each layer position 0..n_layers-1 for one level."""
     if share == "global":
         return [0] * n_layers
@@ -68,9 +66,7 @@ def rank_schedule(n_levels: int, r0: int, decay: float = 0.5) -> list[int]:
     return [max(1, round(r0 * decay**k)) for k in range(n_levels)]
 
 
-def parameter_count(
-    levels: Sequence[Mapping], n_layers: int, shapes: Mapping[str, tuple[int, int]]
-) -> int:
+def parameter_count(levels: Sequence[Mapping], n_layers: int, shapes: Mapping[str, tuple[int, int]]) -> int:
     """``sum_kind sum_k r_k * (d_in + d_out) * n_cells_k`` (DESIGN.md section 1).
 
     ``levels``: dicts (or dataclasses as dicts) with share, rank, groups, group_size.

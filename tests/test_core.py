@@ -21,8 +21,9 @@ def build(model_name: str, variant: str, dropout: float = 0.0):
     factory, targets, heads = MODELS[model_name]
     base = factory()
     model = copy.deepcopy(base)
-    cfg = MSPLoRAConfig(targets=targets, levels=copy.deepcopy(VARIANTS[variant]), dropout=dropout,
-                        modules_to_save=heads)
+    cfg = MSPLoRAConfig(
+        targets=targets, levels=copy.deepcopy(VARIANTS[variant]), dropout=dropout, modules_to_save=heads
+    )
     msplora.inject(model, cfg)
     return base, model, cfg
 
@@ -185,8 +186,15 @@ def test_paper_parameter_counts_on_meta():
 
     with torch.device("meta"):
         roberta = RobertaModel(RobertaConfig())  # roberta-base shapes
-        llama = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                             num_attention_heads=32, vocab_size=32000))  # LLaMA-2-7B shapes
+        llama = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                vocab_size=32000,
+            )
+        )  # LLaMA-2-7B shapes
     msplora.inject(roberta, MSPLoRAConfig(targets=["query", "value"]))
     assert msplora.trainable_parameters(roberta) == 135_168
     msplora.inject(llama, MSPLoRAConfig(targets=["q_proj", "v_proj"], ranks=[64, 32, 16]))
@@ -239,8 +247,12 @@ def test_config_errors_name_field_and_fix(kwargs, needle):
 def test_model_errors():
     model = MODELS["bert"][0]()
     with pytest.raises(ConfigError, match=r"levels\[1\].groups: 9 groups for 4 adapted layers"):
-        msplora.inject(model, MSPLoRAConfig(targets=["query"], levels=[{"share": "global", "rank": 2},
-                                                                      {"share": "group", "rank": 2, "groups": 9}]))
+        msplora.inject(
+            model,
+            MSPLoRAConfig(
+                targets=["query"], levels=[{"share": "global", "rank": 2}, {"share": "group", "rank": 2, "groups": 9}]
+            ),
+        )
     with pytest.raises(ConfigError, match=r"matches no module.*'query'"):
         msplora.inject(model, MSPLoRAConfig(targets=["q_proj"]))
     with pytest.raises(ConfigError, match="pooler.dense has no layer index"):

@@ -55,7 +55,10 @@ def write_tsv(path: Path, rows: list[list[str]]) -> Path:
 def test_task_table() -> None:
     assert set(TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "sentiment", "boolq"}
     assert {n: s.metric for n, s in TASKS.items() if s.metric != "accuracy"} == {
-        "cola": "matthews", "stsb": "pearson", "mrpc": "f1"}
+        "cola": "matthews",
+        "stsb": "pearson",
+        "mrpc": "f1",
+    }
     assert TASKS["stsb"].num_labels == 1 and TASKS["stsb"].is_regression
     assert TASKS["mnli"].num_labels == 3
     assert TASKS["mnli"].eval_splits == ("validation_matched", "validation_mismatched")
@@ -86,8 +89,12 @@ def test_glue_quotes_and_bom(glue_dir: Path) -> None:
     assert mrpc["sentence2"] == '" The foodservice pie business does not fit our long-term growth strategy .'
     assert mrpc["label"] == 1
     rte = load_task("rte", glue_dir)["train"][0]  # string label mapped by name
-    assert rte == {"sentence1": "No Weapons of Mass Destruction Found in Iraq Yet.",
-                   "sentence2": "Weapons of Mass Destruction Found in Iraq.", "label": 1, "idx": 0}
+    assert rte == {
+        "sentence1": "No Weapons of Mass Destruction Found in Iraq Yet.",
+        "sentence2": "Weapons of Mass Destruction Found in Iraq.",
+        "label": 1,
+        "idx": 0,
+    }
 
 
 def test_glue_stsb_regression(glue_dir: Path) -> None:
@@ -201,7 +208,10 @@ def test_error_unknown_task() -> None:
 
 def test_error_missing_file(tmp_path: Path) -> None:
     write_tsv(tmp_path / "dev.tsv", [["sentence", "label"], ["ok", "1"]])
-    with pytest.raises(DataError, match=rf"no 'train' file in {re.escape(str(tmp_path))} \(nor in a SST-2/ or sst2/ subfolder\).*train\.tsv"):
+    with pytest.raises(
+        DataError,
+        match=rf"no 'train' file in {re.escape(str(tmp_path))} \(nor in a SST-2/ or sst2/ subfolder\).*train\.tsv",
+    ):
         load_task("sst2", tmp_path)
     with pytest.raises(DataError, match="not a folder"):
         load_task("sst2", tmp_path / "nowhere")
@@ -210,7 +220,9 @@ def test_error_missing_file(tmp_path: Path) -> None:
 def test_error_missing_column(tmp_path: Path) -> None:
     for stem in ("train", "dev"):
         write_tsv(tmp_path / f"{stem}.tsv", [["index", "sentence1", "label"], ["0", "a", "entailment"]])
-    with pytest.raises(DataError, match=r"missing column\(s\) \['sentence2'\].*present: \['index', 'sentence1', 'label'\]"):
+    with pytest.raises(
+        DataError, match=r"missing column\(s\) \['sentence2'\].*present: \['index', 'sentence1', 'label'\]"
+    ):
         load_task("rte", tmp_path)
 
 
@@ -228,8 +240,10 @@ def test_error_bad_label(tmp_path: Path, task: str, bad: str, match: str) -> Non
     good = "1" if task != "rte" else "entailment"
     header = [*spec.text_fields, "label"]
     for stem in ("train", "dev"):
-        write_tsv(tmp_path / f"{stem}.tsv", [header, ["x"] * len(spec.text_fields) + [good],
-                                             ["y"] * len(spec.text_fields) + [bad]])
+        write_tsv(
+            tmp_path / f"{stem}.tsv",
+            [header, ["x"] * len(spec.text_fields) + [good], ["y"] * len(spec.text_fields) + [bad]],
+        )
     with pytest.raises(DataError, match=match):
         load_task(task, tmp_path)
 
@@ -257,8 +271,15 @@ def test_error_bad_module_args(tmp_path: Path) -> None:
 
 
 def test_datamodule_batches(tokenizer_dir: str) -> None:
-    dm = GLUEDataModule("boolq", tokenizer=tokenizer_dir, max_length=64, batch_size=8, eval_batch_size=16,
-                        max_train_samples=64, max_eval_samples=32)
+    dm = GLUEDataModule(
+        "boolq",
+        tokenizer=tokenizer_dir,
+        max_length=64,
+        batch_size=8,
+        eval_batch_size=16,
+        max_train_samples=64,
+        max_eval_samples=32,
+    )
     dm.setup("fit")
     assert dm.num_labels == 2 and dm.spec is TASKS["boolq"]
     assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 64, "validation": 32}
@@ -287,8 +308,9 @@ def test_datamodule_dynamic_padding(tokenizer_dir: str) -> None:
 
 
 def test_datamodule_regression_labels(glue_dir: Path, tokenizer_dir: str) -> None:
-    dm = GLUEDataModule("stsb", data_dir=str(glue_dir), tokenizer=tokenizer_dir, batch_size=4,
-                        max_train_samples=16, max_eval_samples=16)
+    dm = GLUEDataModule(
+        "stsb", data_dir=str(glue_dir), tokenizer=tokenizer_dir, batch_size=4, max_train_samples=16, max_eval_samples=16
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert dm.num_labels == 1 and batch["labels"].dtype == torch.float32
@@ -296,8 +318,10 @@ def test_datamodule_regression_labels(glue_dir: Path, tokenizer_dir: str) -> Non
 
 
 def test_datamodule_mnli_two_loaders(tmp_path: Path, tokenizer_dir: str) -> None:
-    rows = [{"premise": f"p {i}", "hypothesis": f"h {i}", "label": ["entailment", "neutral", "contradiction"][i % 3]}
-            for i in range(9)]
+    rows = [
+        {"premise": f"p {i}", "hypothesis": f"h {i}", "label": ["entailment", "neutral", "contradiction"][i % 3]}
+        for i in range(9)
+    ]
     for split in ("train", "validation_matched", "dev_mismatched"):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     dm = GLUEDataModule("mnli", data_dir=str(tmp_path), tokenizer=tokenizer_dir, batch_size=4)
@@ -362,4 +386,3 @@ def test_datamodule_takes_a_tokenizer_object(tokenizer_dir: str) -> None:
     dm.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # as a LightningModule may do
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 8
-

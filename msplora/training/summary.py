@@ -14,8 +14,10 @@ def find_metrics(run: str | Path) -> Path:
         return run
     found = sorted(run.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit(f"msplora summary: no metrics.json under {run}. Fix: pass the run's directory "
-                         "(trainer.default_root_dir of a finished fit)")
+        raise SystemExit(
+            f"msplora summary: no metrics.json under {run}. Fix: pass the run's directory "
+            "(trainer.default_root_dir of a finished fit)"
+        )
     return found[-1]
 
 
@@ -25,13 +27,31 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("usage: msplora summary RUN_DIR")
     path = find_metrics(argv[0])
     m = json.loads(path.read_text())
-    line = {k: m.get(k) for k in ("task", "metric", "value", "trainable_params", "lora_r8_params",
-                                  "majority_baseline", "adapter_params", "lora_r8_adapter_params", "wall_time_s")}
+    line = {
+        k: m.get(k)
+        for k in (
+            "task",
+            "metric",
+            "value",
+            "trainable_params",
+            "lora_r8_params",
+            "majority_baseline",
+            "adapter_params",
+            "lora_r8_adapter_params",
+            "wall_time_s",
+        )
+    }
     line["run"] = str(path.parent)
     print(f"run            {path.parent}")
     print(f"task           {m.get('task')}   ({m.get('model')})")
     print(f"{m.get('metric'):14s} {m.get('value')}   (majority-class baseline {m.get('majority_baseline')})")
-    print(f"trainable      {m.get('trainable_params'):,} MSPLoRA vs {m.get('lora_r8_params'):,} LoRA r=8 "
-          f"(adapter only: {m.get('adapter_params'):,} vs {m.get('lora_r8_adapter_params'):,})")
+    n = {
+        k: f"{m[k]:,}" if isinstance(m.get(k), int) else "?"
+        for k in ("trainable_params", "lora_r8_params", "adapter_params", "lora_r8_adapter_params")
+    }
+    print(
+        f"trainable      {n['trainable_params']} MSPLoRA vs {n['lora_r8_params']} LoRA r=8 "
+        f"(adapter only: {n['adapter_params']} vs {n['lora_r8_adapter_params']})"
+    )
     print(json.dumps(line))
     return line
