@@ -1,0 +1,445 @@
+"""Ablation suite: run the overlays in ``ablations/`` fairly, and tabulate what exists.
+
+    ablations/<name>.yaml ──┐
+    configs/base.yaml ──────┼─> LR sweep on seed 0 (select on a validation split carved
+    task config ────────────┘      from train) -> all seeds at the chosen LR
+                                 -> dev-split metric from the best checkpoint
+    results/ablations/<task>/<name>/seed<k>.json   (one per finished seed, written atomically)
+    results/ablations/<task>/<name>/lr_sweep/lr<lr>.json
+    results/ablations/<task>/report.{md,png}
+
+Why a sweep: levels have different scales (alpha / r) and shared tensors gather gradient
+from several layers, so one learning rate would favour some variants. Each variant gets its
+own best LR from ``--lrs`` (default: the config's lr x 0.5, 1, 2; the head LR keeps the
+config's head_lr / lr ratio), chosen on the carved validation split; the dev split is only
+ever used for the reported number.
+
+A result file exists only once its run has fully finished (fit + test), so a rerun skips
+finished work and reruns an interrupted seed; a file written under other settings
+(LRs, steps, extra overrides) does not count and is redone.
+
+Usage (see the Makefile)::
+
+    python -m msplora.ablation run NAME [NAME ...] | --all [--task T] [--seeds N]
+        [--lrs "a b c"] [--config C] [--steps S] [--root DIR] -- EXTRA_CLI_OVERRIDES
+    python -m msplora.ablation report [--task T] [--root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATIONS = REPO / "ablations"
+CONFIGS = REPO / "configs"
+RESULTS = REPO / "results" / "ablations"
+DEFAULT_TASK = "sentiment"
+# Embedded default (MiniLM, sentiment, CPU): sized so the ten required variants x (3 sweep
+# LRs + 2 more seeds) fit in about an hour on 2 shared CPU cores; see README.
+EMBEDDED_STEPS = 100
+VAL_FRACTION = 0.1
+
+
+class AblationError(SystemExit):
+    """Bad input: the message names the problem and the fix; exit status 2."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(f"msplora.ablation: {msg}")
+        self.code = 2
+
+
+# -- the variants ---------------------------------------------------------------------------------
+def variant_names(folder: Path = ABLATIONS) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def variant_path(name: str, folder: Path = ABLATIONS) -> Path:
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise AblationError(
+            f"unknown ablation {name!r}. Fix: use one of {', '.join(variant_names(folder))} "
+            f"(or add {folder.name}/{name}.yaml)"
+        )
+    return path
+
+
+def hypothesis(path: Path) -> str:
+    first = path.read_text().splitlines()[0] if path.read_text() else ""
+    return first.lstrip("# ").removeprefix("Hypothesis:").strip()
+
+
+def levels_label(levels: list[dict], n_layers: int | None) -> str:
+    """``G8 M4x3 L2``: G = global, M = group (rank x cells), L = per-layer."""
+    from msplora.pyramid import n_cells
+
+    out = []
+    for lv in levels:
+        tag = {"global": "G", "group": "M", "layer": "L"}[lv["share"]]
+        s = f"{tag}{lv['rank']}"
+        if lv["share"] == "group":
+            s += (
+                f"x{n_cells('group', n_layers, lv.get('groups'), lv.get('group_size'))}"
+                if n_layers
+                else (f"/{lv['groups']}g" if lv.get("groups") else f"/s{lv['group_size']}")
+            )
+        out.append(s)
+    return " ".join(out)
+
+
+# -- one run ------------------------------------------------------------------------------------------
+def task_config(task: str, config: str | None) -> Path:
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise AblationError(f"--config {config}: no such file. Fix: pass a task config such as configs/rte.yaml")
+        return path
+    if task == DEFAULT_TASK:
+        return CONFIGS / "demo.yaml"
+    path = CONFIGS / f"{task}.yaml"
+    if not path.is_file():
+        raise AblationError(f"--task {task}: no configs/{task}.yaml. Fix: pass --config with a config for this task")
+    return path
+
+
+def base_args(overlay: Path, cfg: Path, steps: int | None, extra: list[str]) -> list[str]:
+    args = [
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(cfg),
+        "--config",
+        str(overlay),
+        f"--data.init_args.val_fraction={VAL_FRACTION}",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=true",
+    ]
+    if steps is not None:
+        # A fixed step budget, validated once at the end (the selection metric of the sweep).
+        args += [
+            f"--trainer.max_steps={steps}",
+            "--trainer.max_epochs=-1",
+            f"--trainer.val_check_interval={steps}",
+            "--trainer.check_val_every_n_epoch=null",
+        ]
+    return args + list(extra)
+
+
+def parse(args: list[str]):
+    """The composed config, parsed and instantiated (no model weights loaded)."""
+    from msplora.training.cli import cli_main
+
+    return cli_main(args, run=False)
+
+
+def fit_and_test(args: list[str], run_dir: Path) -> dict:
+    """One fit + test on the dev split (best checkpoint); returns the run's record."""
+    from msplora.training.cli import cli_main
+
+    if run_dir.exists():  # leftovers of an interrupted run
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    cli = cli_main(["fit", *args, f"--trainer.default_root_dir={run_dir}"])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    wall = time.perf_counter() - t0
+    log_dir = Path(cli.trainer.log_dir)
+    m = json.loads((log_dir / "metrics.json").read_text())
+    metric = m["metric"]
+    tests = {k: v for k, v in m["final"].items() if k.startswith("test") and k.endswith(f"/{metric}")}
+    bank_kinds = __import__("msplora").get_bank(cli.model.model).kinds
+    n_layers = len(next(iter(bank_kinds.values())).layer_ids)
+    levels = cli.model.hparams["pyramid"]["levels"]
+    return {
+        "task": m["task"],
+        "model": m["model"],
+        "metric": metric,
+        "val": m["value"],
+        "test": tests[sorted(tests)[0]],
+        "test_all": tests,
+        "lr": cli.model.hparams.lr,
+        "head_lr": cli.model.hparams.head_lr,
+        "seed": cli.config["fit"]["seed_everything"],
+        "levels": levels_label(levels, n_layers),
+        "n_layers": n_layers,
+        "trainable_params": m["trainable_params"],
+        "adapter_params": m["adapter_params"],
+        "lora_r8_adapter_params": m["lora_r8_adapter_params"],
+        "lora_r8_params": m["lora_r8_params"],
+        "params_per_level": m["params_per_level"],
+        "majority_baseline": m.get("majority_baseline"),
+        "global_step": m["global_step"],
+        "wall_time_s": round(wall, 1),
+        "fit_wall_time_s": m["wall_time_s"],
+        "run_dir": str(log_dir),
+        "config": yaml.safe_load((log_dir / "config.yaml").read_text()),
+        "metrics": m,
+    }
+
+
+def _read(path: Path, signature: str) -> dict | None:
+    """A finished result made under the same settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return rec if rec.get("signature") == signature else None
+
+
+def _write(path: Path, rec: dict) -> None:
+    from msplora.training.callbacks import write_json_atomic
+
+    write_json_atomic(path, rec)
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:g}"
+
+
+# -- a variant ------------------------------------------------------------------------------------------
+def run_variant(
+    name: str,
+    task: str,
+    seeds: int,
+    lrs: list[float] | None,
+    config: str | None,
+    steps: int | None,
+    extra: list[str],
+    root: Path = RESULTS,
+    folder: Path = ABLATIONS,
+    log=print,
+) -> list[dict]:
+    overlay = variant_path(name, folder)
+    cfg = task_config(task, config)
+    args = base_args(overlay, cfg, steps, extra)
+    cli = parse(args)  # fail fast on a bad overlay / override, and read lr, head_lr, task
+    data_task = cli.datamodule.hparams.task
+    if data_task != task:
+        raise AblationError(
+            f"--task {task} but the config {cfg} trains {data_task!r}. "
+            f"Fix: pass --task {data_task} (TASK={data_task}), or a config for {task}"
+        )
+    lr0, head0 = cli.model.hparams.lr, cli.model.hparams.head_lr
+    ratio = None if head0 is None else head0 / lr0
+    lrs = lrs or [lr0 * 0.5, lr0, lr0 * 2]
+    out = root / task / name
+    signature = hashlib.sha1(json.dumps([args, sorted(lrs), ratio]).encode()).hexdigest()[:12]
+
+    def run_one(lr: float, seed: int, path: Path) -> dict:
+        rec = _read(path, signature)
+        if rec is not None:
+            log(f"[{name}] lr={lr_tag(lr)} seed={seed}: done before ({rec['test']:.4f}), skipped")
+            return rec
+        run_args = [*args, f"--model.lr={lr}", f"--seed_everything={seed}"]
+        if ratio is not None:
+            run_args.append(f"--model.head_lr={lr * ratio}")
+        log(f"[{name}] lr={lr_tag(lr)} seed={seed}: running")
+        rec = fit_and_test(run_args, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
+        rec.update(variant=name, hypothesis=hypothesis(overlay), signature=signature, overlay=overlay.read_text())
+        _write(path, rec)
+        log(
+            f"[{name}] lr={lr_tag(lr)} seed={seed}: val {rec['val']:.4f} dev {rec['test']:.4f} "
+            f"({rec['wall_time_s']:.0f} s)"
+        )
+        return rec
+
+    sweep = [run_one(lr, 0, out / "lr_sweep" / f"lr{lr_tag(lr)}.json") for lr in lrs]
+    best = max(sweep, key=lambda r: r["val"])  # selection metrics here are all higher-is-better
+    records = []
+    for seed in range(seeds):
+        path = out / f"seed{seed}.json"
+        if seed == 0:
+            rec = _read(path, signature)
+            if rec is None:  # the sweep's run at the chosen LR is seed 0
+                rec = dict(best, lr_sweep={lr_tag(r["lr"]): r["val"] for r in sweep})
+                _write(path, rec)
+        else:
+            rec = run_one(best["lr"], seed, path)
+        records.append(rec)
+    return records
+
+
+# -- report -------------------------------------------------------------------------------------------
+def collect(task: str, root: Path = RESULTS) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for path in sorted((root / task).glob("*/seed*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        found.setdefault(path.parent.name, []).append(rec)
+    return found
+
+
+def _fmt_lr(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def summarise(found: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for name, recs in found.items():
+        vals = [r["test"] for r in recs]
+        lrs = sorted({r["lr"] for r in recs})
+        lora = recs[0].get("lora_r8_adapter_params")
+        rows.append(
+            {
+                "variant": name,
+                "levels": recs[0].get("levels", "?"),
+                "lr": ", ".join(_fmt_lr(x) for x in lrs),
+                "metric": recs[0]["metric"],
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "n": len(vals),
+                "adapter_params": recs[0]["adapter_params"],
+                "vs_lora": recs[0]["adapter_params"] / lora if lora else math.nan,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["adapter_params"], r["variant"]))
+
+
+def markdown(rows: list[dict], task: str) -> str:
+    metric = rows[0]["metric"] if rows else "metric"
+    lines = [
+        f"Task `{task}`: dev-split {metric}, mean ± std over seeds, at each variant's LR "
+        "(chosen on a validation split carved from train). Params: trainable adapter parameters; "
+        "vs LoRA: relative to LoRA r=8 on the same targets.",
+        "",
+        f"| variant | levels | LR chosen | dev {metric} (mean ± std, n) | adapter params | vs LoRA r=8 |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['levels']} | {r['lr']} | {r['mean']:.4f} ± {r['std']:.4f} ({r['n']}) "
+            f"| {r['adapter_params']:,} | {r['vs_lora']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        lora_like = r["levels"].startswith("L") and " " not in r["levels"]
+        ax.errorbar(
+            r["adapter_params"],
+            r["mean"],
+            yerr=r["std"],
+            fmt="s" if lora_like else "o",
+            color="tab:gray" if lora_like else "tab:blue",
+            capsize=3,
+        )
+        ax.annotate(
+            r["variant"], (r["adapter_params"], r["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    ax.set_xlabel("trainable adapter parameters")
+    ax.set_ylabel(f"dev {rows[0]['metric'] if rows else 'metric'} (mean ± std over seeds)")
+    ax.set_title(f"MSPLoRA ablations: {task}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report(task: str, root: Path = RESULTS) -> str:
+    found = collect(task, root)
+    if not found:
+        raise AblationError(f"no results under {root / task}. Fix: run `make ablation NAME=full TASK={task}` first")
+    rows = summarise(found)
+    text = markdown(rows, task)
+    out = root / task
+    from msplora.training.callbacks import write_json_atomic
+
+    (out / ".report.md.tmp").write_text(text)
+    (out / ".report.md.tmp").replace(out / "report.md")
+    write_json_atomic(out / "report.json", {"task": task, "rows": rows})
+    plot(rows, out / "report.png", task)
+    return text
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(prog="python -m msplora.ablation", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run variants (LR sweep on seed 0, then every seed at the chosen LR)")
+    r.add_argument("names", nargs="*", metavar="NAME", help="variants (file stems in ablations/)")
+    r.add_argument("--all", action="store_true", help="every variant in ablations/")
+    r.add_argument("--task", default=DEFAULT_TASK, help="task name (results folder; checked against the config)")
+    r.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    r.add_argument(
+        "--lrs", default=None, help='adapter LRs to sweep, e.g. "5e-4 1e-3 2e-3" (default: config lr x 0.5/1/2)'
+    )
+    r.add_argument(
+        "--config",
+        default=None,
+        help="task config composed after configs/base.yaml "
+        "(default: configs/demo.yaml for sentiment, else configs/<task>.yaml)",
+    )
+    r.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per run (default {EMBEDDED_STEPS} on the embedded task, else the config's epochs)",
+    )
+    r.add_argument("--root", type=Path, default=RESULTS, help="results root")
+    rp = sub.add_parser("report", help="markdown table + PNG of whatever results exist")
+    rp.add_argument("--task", default=DEFAULT_TASK)
+    rp.add_argument("--root", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+
+    if a.cmd == "report":
+        print(report(a.task, a.root))
+        print(f"wrote {a.root / a.task / 'report.md'} and {a.root / a.task / 'report.png'}")
+        return
+    if a.all == bool(a.names):
+        raise AblationError(f"give variant names or --all (not both, not neither). Valid: {', '.join(variant_names())}")
+    names = variant_names() if a.all else a.names
+    for n in names:
+        variant_path(n)  # every name checked before anything runs
+    if a.seeds < 1:
+        raise AblationError(f"--seeds {a.seeds}: need at least 1. Fix: e.g. --seeds 3")
+    lrs = None
+    if a.lrs:
+        try:
+            lrs = [float(x) for x in a.lrs.replace(",", " ").split()]
+        except ValueError:
+            raise AblationError(f'--lrs {a.lrs!r}: not numbers. Fix: e.g. --lrs "5e-4 1e-3 2e-3"') from None
+        if not lrs or any(x <= 0 for x in lrs):
+            raise AblationError(f'--lrs {a.lrs!r}: need positive values. Fix: e.g. --lrs "5e-4 1e-3 2e-3"')
+    steps = (
+        a.steps if a.steps is not None else (EMBEDDED_STEPS if a.config is None and a.task == DEFAULT_TASK else None)
+    )
+    t0 = time.perf_counter()
+    for n in names:
+        run_variant(n, a.task, a.seeds, lrs, a.config, steps, extra, root=a.root)
+        print(f"[suite] {n} finished; {time.perf_counter() - t0:.0f} s so far", flush=True)
+    print(report(a.task, a.root))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AblationError as e:  # SystemExit with an int code prints nothing: say what is wrong
+        print(e.args[0], file=sys.stderr)
+        raise SystemExit(2) from None

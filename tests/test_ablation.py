@@ -1,0 +1,276 @@
+"""The ablation suite: every overlay parses, smoke-runs and has the formula's trainable count;
+the runner sweeps, selects, skips finished seeds and reruns interrupted ones; the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import msplora
+from msplora import ablation
+from msplora.training.cli import cli_main
+
+VARIANTS = ablation.variant_names()
+REQUIRED = {
+    "full",
+    "no_global",
+    "no_mid",
+    "no_layer",
+    "uniform",
+    "uniform_budget",
+    "group_size_1",
+    "group_size_2",
+    "group_size_3",
+    "decay_half",
+    "decay_quarter",
+    "decay_flat",
+    "two_level",
+    "four_level",
+    "lora",
+    "lora_budget",
+}
+TINY = [
+    "--data.init_args.max_train_samples=64",
+    "--data.init_args.max_eval_samples=32",
+    "--data.init_args.batch_size=16",
+    "--data.init_args.max_length=32",
+]
+
+
+def composed(name: str, model_dir: Path, *extra: str):
+    """The CLI's parse of base + demo + overlay (+ extra), as the runner builds it."""
+    args = ablation.base_args(
+        ablation.variant_path(name),
+        ablation.task_config("sentiment", None),
+        None,
+        [f"--model.model={model_dir}", *TINY, *extra],
+    )
+    return args, cli_main(args, run=False)
+
+
+def test_the_issue_s_variants_all_exist():
+    assert REQUIRED <= set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_overlay_is_a_hypothesis_plus_pyramid_keys_only(name):
+    path = ablation.variant_path(name)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Hypothesis: ") and len(first) > 30
+    data = yaml.safe_load(path.read_text())
+    assert set(data) == {"model"} and set(data["model"]) == {"pyramid"}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_ablation_parses_and_smoke_runs(name, tmp_path, tiny_bert_dir):
+    args, cli = composed(name, tiny_bert_dir)
+    cfg = cli.model.pyramid
+    assert isinstance(cfg, msplora.MSPLoRAConfig) and cfg.targets == ["query", "value"]
+    cli_main(["fit", *args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    assert m["adapter_params"] == msplora.parameter_count(
+        [vars(lv) for lv in cfg.levels], 4, {"query": (32, 32), "value": (32, 32)}
+    )
+
+
+# MiniLM's shape: 6 layers, q/v maps of 384 -> 384: one rank-cell costs 2 * (384 + 384) = 1,536.
+MINILM_PER_RANK_CELL = 1536
+RANK_CELLS = {
+    "full": 8 + 4 * 3 + 2 * 6,
+    "lora": 8 * 6,
+    "no_global": 4 * 3 + 2 * 6,
+    "no_mid": 8 + 2 * 6,
+    "no_layer": 8 + 4 * 3,
+    "uniform": 8 + 8 * 3 + 8 * 6,
+    "uniform_budget": 3 + 3 * 3 + 3 * 6,
+    "group_size_1": 8 + 4 * 6 + 2 * 6,
+    "group_size_2": 8 + 4 * 3 + 2 * 6,
+    "group_size_3": 8 + 4 * 2 + 2 * 6,
+    "decay_half": 8 + 4 * 3 + 2 * 6,
+    "decay_quarter": 8 + 2 * 3 + 1 * 6,
+    "decay_flat": 8 + 8 * 3 + 8 * 6,
+    "two_level": 8 + 4 * 6,
+    "four_level": 8 + 4 * 2 + 2 * 3 + 1 * 6,
+    "lora_budget": 5 * 6,
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_trainable_count_matches_the_formula_on_minilm_shape(name, tiny_bert_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _, cli = composed(name, tiny_bert_dir)
+    cfg = cli.model.pyramid
+    with torch.device("meta"):  # MiniLM's architecture, no weights, no memory
+        model = BertForSequenceClassification(
+            BertConfig(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)
+        )
+    msplora.inject(model, cfg)
+    formula = msplora.parameter_count([vars(lv) for lv in cfg.levels], 6, {"query": (384, 384), "value": (384, 384)})
+    assert msplora.adapter_parameters(model) == formula
+    if name in RANK_CELLS:
+        assert formula == RANK_CELLS[name] * MINILM_PER_RANK_CELL
+
+
+def test_budget_variants_sit_near_full():
+    full = RANK_CELLS["full"]
+    for name in ("uniform_budget", "lora_budget", "two_level"):
+        assert abs(RANK_CELLS[name] - full) / full <= 0.1, name
+
+
+def test_unknown_name_fails_at_once_listing_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ablation.main(["run", "full", "no_such_variant", "--root", str(tmp_path)])
+    assert e.value.code == 2
+    msg = str(e.value)
+    assert "no_such_variant" in msg and "full" in msg and "no_mid" in msg and "Fix" in msg
+    assert not any(tmp_path.iterdir())  # checked before anything ran
+
+
+def test_task_that_disagrees_with_the_config_is_refused(tmp_path, tiny_bert_dir):
+    with pytest.raises(SystemExit, match="--task rte"):
+        ablation.run_variant(
+            "full", "rte", 1, [1e-3], "configs/demo.yaml", 2, [f"--model.model={tiny_bert_dir}"], root=tmp_path
+        )
+    assert not (tmp_path / "rte").exists()
+
+
+# -- the runner's bookkeeping, with a fake fit (fast) -------------------------------------------------
+@pytest.fixture
+def fake_fit(monkeypatch):
+    calls: list[tuple[float, int]] = []
+    fail_at: dict = {}
+
+    def fit_and_test(args, run_dir):
+        lr = float(next(a for a in reversed(args) if a.startswith("--model.lr=")).split("=")[1])
+        seed = int(next(a for a in reversed(args) if a.startswith("--seed_everything=")).split("=")[1])
+        if (lr, seed) == fail_at.get("at"):
+            raise KeyboardInterrupt
+        calls.append((lr, seed))
+        return {
+            "task": "sentiment",
+            "metric": "accuracy",
+            "val": {1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75}[lr],
+            "test": 0.5 + seed / 100,
+            "lr": lr,
+            "seed": seed,
+            "levels": "G8 M4x3 L2",
+            "adapter_params": 100,
+            "lora_r8_adapter_params": 150,
+            "wall_time_s": 1.0,
+        }
+
+    monkeypatch.setattr(ablation, "fit_and_test", fit_and_test)
+    return calls, fail_at
+
+
+def test_runner_sweeps_on_seed0_then_runs_seeds_at_the_chosen_lr(tmp_path, tiny_bert_dir, fake_fit):
+    calls, _ = fake_fit
+    extra = [f"--model.model={tiny_bert_dir}"]
+    recs = ablation.run_variant(
+        "no_mid", "sentiment", 3, [1e-3, 2e-3, 4e-3], None, 2, extra, root=tmp_path, log=lambda *_: None
+    )
+    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (2e-3, 1), (2e-3, 2)]  # best val: 2e-3
+    assert [r["lr"] for r in recs] == [2e-3] * 3
+    out = tmp_path / "sentiment" / "no_mid"
+    seed0 = json.loads((out / "seed0.json").read_text())
+    assert seed0["lr_sweep"] == {"0.001": 0.7, "0.002": 0.8, "0.004": 0.75} and seed0["variant"] == "no_mid"
+    assert seed0["hypothesis"].startswith("the mid level")
+    assert sorted(p.name for p in (out / "lr_sweep").iterdir()) == ["lr0.001.json", "lr0.002.json", "lr0.004.json"]
+
+    calls.clear()  # a rerun does nothing
+    ablation.run_variant(
+        "no_mid", "sentiment", 3, [1e-3, 2e-3, 4e-3], None, 2, extra, root=tmp_path, log=lambda *_: None
+    )
+    assert calls == []
+    # other settings (here: steps) do not count as done
+    ablation.run_variant(
+        "no_mid", "sentiment", 1, [1e-3, 2e-3, 4e-3], None, 3, extra, root=tmp_path, log=lambda *_: None
+    )
+    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0)]
+
+
+def test_an_interrupted_seed_leaves_no_file_and_is_rerun(tmp_path, tiny_bert_dir, fake_fit):
+    calls, fail_at = fake_fit
+    extra = [f"--model.model={tiny_bert_dir}"]
+    fail_at["at"] = (2e-3, 2)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)
+    out = tmp_path / "sentiment" / "full"
+    assert sorted(p.name for p in out.glob("seed*.json")) == ["seed0.json", "seed1.json"]
+    assert not list(out.rglob("*.tmp"))
+    calls.clear()
+    fail_at.clear()
+    ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)
+    assert calls == [(2e-3, 2)]
+    # a seed file that vanished (or was half-written) is redone, nothing else
+    (out / "seed1.json").write_text('{"truncated": ')
+    calls.clear()
+    ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)
+    assert calls == [(2e-3, 1)]
+
+
+@pytest.mark.slow
+def test_real_runner_on_a_tiny_model_writes_complete_seed_files(tmp_path, tiny_bert_dir):
+    extra = [f"--model.model={tiny_bert_dir}", *TINY]
+    recs = ablation.run_variant(
+        "no_layer", "sentiment", 2, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None
+    )
+    assert len(recs) == 2 and recs[0]["lr"] == recs[1]["lr"] in (1e-3, 2e-3)
+    rec = json.loads((tmp_path / "sentiment" / "no_layer" / "seed1.json").read_text())
+    assert rec["seed"] == 1 and rec["metric"] == "accuracy" and 0 <= rec["test"] <= 1 and 0 <= rec["val"] <= 1
+    assert rec["global_step"] == 2 and rec["wall_time_s"] > 0
+    assert rec["head_lr"] == pytest.approx(2 * rec["lr"])  # demo.yaml's head_lr / lr ratio kept
+    assert rec["levels"] == "G8 M4x3" and set(rec["params_per_level"]) == {"global", "mid"}
+    assert rec["adapter_params"] == sum(rec["params_per_level"].values())
+    assert rec["config"]["model"]["pyramid"]["levels"][1]["groups"] == 3  # the resolved config
+    assert rec["config"]["data"]["init_args"]["val_fraction"] == ablation.VAL_FRACTION
+
+
+# -- report -------------------------------------------------------------------------------------------
+def fabricate(root: Path, name: str, tests: list[float], params: int, lr: float, levels: str) -> None:
+    for k, t in enumerate(tests):
+        rec = {
+            "variant": name,
+            "metric": "accuracy",
+            "test": t,
+            "val": t,
+            "lr": lr,
+            "seed": k,
+            "levels": levels,
+            "adapter_params": params,
+            "lora_r8_adapter_params": 73728,
+        }
+        path = root / "sentiment" / name / f"seed{k}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+
+
+def test_report_on_fabricated_results(tmp_path, capsys):
+    fabricate(tmp_path, "full", [0.80, 0.82, 0.84], 49152, 1e-3, "G8 M4x3 L2")
+    fabricate(tmp_path, "lora", [0.85, 0.85], 73728, 5e-4, "L8")
+    fabricate(tmp_path, "no_mid", [0.78], 30720, 2e-3, "G8 L2")
+    (tmp_path / "sentiment" / "no_mid" / "seed1.json").write_text("{")  # half-written: ignored
+    ablation.main(["report", "--task", "sentiment", "--root", str(tmp_path)])
+    text = (tmp_path / "sentiment" / "report.md").read_text()
+    assert text in capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split("|")[1].strip() for r in rows] == ["no_mid", "full", "lora"]  # by parameter count
+    full = rows[1]
+    assert "| G8 M4x3 L2 | 0.001 | 0.8200 ± 0.0200 (3) | 49,152 | 0.67x |" in full
+    assert "0.8500 ± 0.0000 (2)" in rows[2] and "| 1.00x |" in rows[2] and "| 0.0005 |" in rows[2]
+    assert "(1)" in rows[0]
+    png = tmp_path / "sentiment" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    stats = json.loads((tmp_path / "sentiment" / "report.json").read_text())["rows"]
+    assert math.isclose(stats[1]["std"], 0.02)
+
+
+def test_report_without_results_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="make ablation NAME=full"):
+        ablation.main(["report", "--task", "sentiment", "--root", str(tmp_path)])
