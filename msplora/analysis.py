@@ -128,11 +128,14 @@ class SpectrumRecorder(Callback):
         filename: file name inside the trainer's log dir (``default_root_dir`` without a logger).
         record_init: also record once at fit start as epoch -1. Off by default: at LoRA
             init B = 0, so every singular value is 0.
+        every_n_steps: also record every N optimizer steps (0 = epoch ends only), for
+            short runs whose whole training is one epoch. Each record carries its ``step``.
     """
 
-    def __init__(self, filename: str = SPECTRA_FILE, record_init: bool = False) -> None:
+    def __init__(self, filename: str = SPECTRA_FILE, record_init: bool = False, every_n_steps: int = 0) -> None:
         self.filename = filename
         self.record_init = record_init
+        self.every_n_steps = every_n_steps
         self.records: list[dict] = []
         self.path: Path | None = None
 
@@ -151,11 +154,17 @@ class SpectrumRecorder(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._record(trainer, trainer.current_epoch)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            self._record(trainer, trainer.current_epoch)
+
     def _record(self, trainer, epoch: int) -> None:
         if not trainer.is_global_zero:  # DDP replicas hold the same adapter
             return
-        self.records = [r for r in self.records if r["epoch"] != epoch]  # a resumed epoch replaces
-        self.records.append({"epoch": epoch, **record_spectra(self._model)})
+        step = trainer.global_step
+        self.records = [r for r in self.records if r.get("step") != step]  # a resumed step replaces
+        self.records.append({"epoch": epoch, "step": step, **record_spectra(self._model)})
         _write_json_atomic(self.path, {"levels": level_info(self._model), "records": self.records})
 
     # Records travel in checkpoints, so a resumed run keeps the earlier epochs in its file.
@@ -312,10 +321,12 @@ def plot_level_spectra(doc: dict, level: str, path: Path) -> Path:
         img = ax.imshow(np.stack(rows), aspect="auto", cmap="viridis", interpolation="nearest")  # (epochs, r)
         ax.set_title(f"{level} / {kind} ({len(cells)} cell{'s' * (len(cells) > 1)}, mean)")
         ax.set_xlabel("singular value index")
-        ax.set_ylabel("epoch")
+        # rows are labelled by step when several records share an epoch (every_n_steps)
+        by_step = len({r["epoch"] for r in records}) < len(records) and all("step" in r for r in records)
+        ax.set_ylabel("step" if by_step else "epoch")
         xt, yt = _ticks(len(rows[0])), _ticks(len(records))
         ax.set_xticks(xt, [str(i + 1) for i in xt])
-        ax.set_yticks(yt, [str(records[i]["epoch"]) for i in yt])
+        ax.set_yticks(yt, [str(records[i]["step" if by_step else "epoch"]) for i in yt])
         fig.colorbar(img, ax=ax, label="singular value")
     fig.suptitle(f"Spectrum of level '{level}' updates s_k B A over training")
     fig.savefig(path, dpi=110)

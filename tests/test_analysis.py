@@ -159,11 +159,18 @@ def test_recorder_in_trainer(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[SpectrumRecorder(), SpectrumRecorder("with_init.json", record_init=True)],
+        callbacks=[
+            SpectrumRecorder(),
+            SpectrumRecorder("with_init.json", record_init=True),
+            SpectrumRecorder("by_step.json", every_n_steps=1),
+        ],
     )
     trainer.fit(TinyModule(model), DataLoader(TensorDataset(ids), batch_size=4))
     with_init = json.loads((tmp_path / "with_init.json").read_text())["records"]
     assert [r["epoch"] for r in with_init] == [-1, 0, 1]
+    by_step = json.loads((tmp_path / "by_step.json").read_text())["records"]
+    assert [(r["epoch"], r["step"]) for r in by_step] == [(0, 1), (0, 2), (1, 3), (1, 4)]
+    assert by_step[1]["level"] != by_step[0]["level"]  # each step's state, not copies
     assert all(v == 0 for sv in with_init[0]["layer"].values() for v in sv)  # LoRA init: B = 0
     doc = json.loads((tmp_path / "spectra.json").read_text())
     assert [r["epoch"] for r in doc["records"]] == [0, 1]
