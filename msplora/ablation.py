@@ -197,7 +197,7 @@ def _read(path: Path, signature: str) -> dict | None:
 
 
 def _write(path: Path, rec: dict) -> None:
-    from msplora.training.callbacks import write_json_atomic
+    from msplora.io import write_json_atomic
 
     write_json_atomic(path, rec)
 
@@ -364,7 +364,7 @@ def report(task: str, root: Path = RESULTS) -> str:
     rows = summarise(found)
     text = markdown(rows, task)
     out = root / task
-    from msplora.training.callbacks import write_json_atomic
+    from msplora.io import write_json_atomic
 
     (out / ".report.md.tmp").write_text(text)
     (out / ".report.md.tmp").replace(out / "report.md")

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from msplora.inject import get_bank
+from msplora.io import write_json_atomic
 from msplora.layers import PREFIX
 
 SPECTRA_FILE = "spectra.json"
@@ -108,19 +107,6 @@ def find_adapted_model(module: nn.Module) -> nn.Module:
     )
 
 
-def _write_json_atomic(path: Path, doc: dict) -> None:
-    # Temp file beside the target, then rename: a reader never sees half a file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class SpectrumRecorder(Callback):
     """Record adapter spectra at each training epoch end into ``<log_dir>/spectra.json``.
 
@@ -165,7 +151,7 @@ class SpectrumRecorder(Callback):
         step = trainer.global_step
         self.records = [r for r in self.records if r.get("step") != step]  # a resumed step replaces
         self.records.append({"epoch": epoch, "step": step, **record_spectra(self._model)})
-        _write_json_atomic(self.path, {"levels": level_info(self._model), "records": self.records})
+        write_json_atomic(self.path, indent=None, obj={"levels": level_info(self._model), "records": self.records})
 
     # Records travel in checkpoints, so a resumed run keeps the earlier epochs in its file.
     def state_dict(self) -> dict:

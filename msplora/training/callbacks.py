@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ import lightning as L
 import torch
 
 import msplora
+from msplora.io import write_json_atomic
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -22,13 +22,6 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 def _better(new: float, best: float | None, mode: str) -> bool:
     return best is None or (new > best if mode == "max" else new < best)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 class BestAdapter(L.Callback):

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from msplora.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = (REPO / "configs" / "base.yaml", REPO / "configs" / "instruct_demo.yaml")
@@ -126,11 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"trainable params {metrics['trainable_params']:,}; {metrics['global_step']} steps; "
         f"wall time {result['wall_time_s']:.0f} s; run {run}"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(args.out, result)
     print(json.dumps(result))
     return result
 
