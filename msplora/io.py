@@ -19,6 +19,7 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent, default=float)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
