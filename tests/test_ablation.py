@@ -195,6 +195,48 @@ def test_runner_sweeps_on_seed0_then_runs_seeds_at_the_chosen_lr(tmp_path, tiny_
     assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0)]
 
 
+def test_a_wider_grid_runs_only_new_lrs_and_redoes_seeds_when_the_choice_moves(tmp_path, tiny_bert_dir, fake_fit):
+    calls, _ = fake_fit
+    extra = [f"--model.model={tiny_bert_dir}"]
+    quiet = {"root": tmp_path, "log": lambda *_: None}
+    ablation.run_variant("full", "sentiment", 3, [1e-3, 4e-3], None, 2, extra, **quiet)
+    assert calls == [(1e-3, 0), (4e-3, 0), (4e-3, 1), (4e-3, 2)]  # best of the two: 4e-3
+    calls.clear()
+    recs = ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3, 4e-3], None, 2, extra, **quiet)
+    assert calls == [(2e-3, 0), (2e-3, 1), (2e-3, 2)]  # only the new LR, then the seeds at the new choice
+    assert [r["lr"] for r in recs] == [2e-3] * 3
+    seed0 = json.loads((tmp_path / "sentiment" / "full" / "seed0.json").read_text())
+    assert seed0["lr"] == 2e-3 and seed0["lr_sweep"] == {"0.001": 0.7, "0.002": 0.8, "0.004": 0.75}
+    calls.clear()  # back to the narrow grid: its runs are all still there, the seeds move back
+    ablation.run_variant("full", "sentiment", 3, [1e-3, 4e-3], None, 2, extra, **quiet)
+    assert calls == [(4e-3, 1), (4e-3, 2)]
+
+
+def test_editing_an_overlay_makes_its_results_stale(tmp_path, tiny_bert_dir, fake_fit):
+    calls, _ = fake_fit
+    folder = tmp_path / "abl"
+    folder.mkdir()
+    overlay = folder / "mine.yaml"
+    overlay.write_text((ablation.ABLATIONS / "no_mid.yaml").read_text())
+    kw = {"root": tmp_path / "res", "folder": folder, "log": lambda *_: None}
+    extra = [f"--model.model={tiny_bert_dir}"]
+    ablation.run_variant("mine", "sentiment", 1, [1e-3], None, 2, extra, **kw)
+    calls.clear()
+    ablation.run_variant("mine", "sentiment", 1, [1e-3], None, 2, extra, **kw)
+    assert calls == []
+    overlay.write_text(overlay.read_text().replace("rank: 8", "rank: 6"))
+    ablation.run_variant("mine", "sentiment", 1, [1e-3], None, 2, extra, **kw)
+    assert calls == [(1e-3, 0)]
+
+
+def test_the_embedded_task_sweeps_its_own_grid(tmp_path, tiny_bert_dir, fake_fit):
+    calls, _ = fake_fit
+    ablation.run_variant(
+        "full", "sentiment", 1, None, None, 2, [f"--model.model={tiny_bert_dir}"], root=tmp_path, log=lambda *_: None
+    )
+    assert [lr for lr, _ in calls] == list(ablation.EMBEDDED_LRS)
+
+
 def test_an_interrupted_seed_leaves_no_file_and_is_rerun(tmp_path, tiny_bert_dir, fake_fit):
     calls, fail_at = fake_fit
     extra = [f"--model.model={tiny_bert_dir}"]
@@ -249,6 +291,15 @@ def fabricate(root: Path, name: str, tests: list[float], params: int, lr: float,
         path = root / "sentiment" / name / f"seed{k}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec))
+
+
+def test_report_leaves_out_seed_files_from_another_lr(tmp_path, capsys):
+    fabricate(tmp_path, "full", [0.80, 0.82, 0.84], 49152, 1e-3, "G8 M4x3 L2")
+    stale = tmp_path / "sentiment" / "full" / "seed3.json"  # an older, longer run at another LR
+    stale.write_text(json.dumps({**json.loads((stale.parent / "seed2.json").read_text()), "lr": 4e-3, "seed": 3}))
+    rows = ablation.summarise(ablation.collect("sentiment", tmp_path))
+    assert rows[0]["n"] == 3 and rows[0]["lr"] == "0.001"
+    assert "seed3.json: made at another LR" in capsys.readouterr().out
 
 
 def test_report_on_fabricated_results(tmp_path, capsys):

