@@ -56,6 +56,11 @@ def test_every_config_parses_and_smoke_runs(config, tmp_path, tiny_bert_dir, glu
     assert cli.model.hparams.pyramid["levels"][0]["rank"] >= 1
 
 
+def test_cli_called_from_python_does_not_warn_about_the_callers_argv(tmp_path, tiny_bert_dir, recwarn):
+    cli_main(fit_args(tmp_path, tiny_bert_dir), run=False)  # pytest's own sys.argv is set here
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
+
+
 def test_fit_real_glue_task_end_to_end(tmp_path, tiny_bert_dir, glue_dir):
     """A tiny model on the original RTE files: metrics.json, small checkpoints, best adapter."""
     args = fit_args(

@@ -7,6 +7,8 @@ to ``<default_root_dir>/version_N/`` with CSV (metrics.csv) and TensorBoard (tb/
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -31,11 +33,15 @@ class MSPLoRACLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MSPLoRACLI:
-    return MSPLoRACLI(
-        MSPLoRAModule,
-        L.LightningDataModule,  # GLUEDataModule (base.yaml) or InstructionDataModule, by class_path
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    with warnings.catch_warnings():
+        # Called from Python (ablation, search, demos) with `args`, the caller's own sys.argv is
+        # not meant for this parser; Lightning warns about every such call.
+        warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python")
+        return MSPLoRACLI(
+            MSPLoRAModule,
+            L.LightningDataModule,  # GLUEDataModule (base.yaml) or InstructionDataModule, by class_path
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+        )
