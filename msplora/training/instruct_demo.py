@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from msplora.io import write_json_atomic
@@ -27,15 +28,25 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = (REPO / "configs" / "base.yaml", REPO / "configs" / "instruct_demo.yaml")
 
 
-def _exact_match(model_name: str, adapter: Path | None, questions, batch_size: int, max_new_tokens: int) -> float:
+def _exact_match(model_name: str, adapter: Path | None, questions, batch_size: int, max_new_tokens: int) -> dict:
+    """Exact match, the letters picked (a model that always says "A" shows here) and EM per source."""
     import msplora
     from msplora.hf import load_causal_lm, load_tokenizer
-    from msplora.training.instruct import mc_exact_match
+    from msplora.training.instruct import mc_predictions
 
     model = load_causal_lm(model_name)
     if adapter is not None:
         msplora.load_adapter(model, adapter)
-    return mc_exact_match(model, load_tokenizer(model_name), questions, batch_size, max_new_tokens)
+    picked = mc_predictions(model, load_tokenizer(model_name), questions, batch_size, max_new_tokens)
+    hits = [p == q.answer for p, q in zip(picked, questions)]
+    by_source: dict[str, list[bool]] = {}
+    for hit, q in zip(hits, questions):
+        by_source.setdefault(q.source, []).append(hit)
+    return {
+        "exact_match": sum(hits) / len(questions),
+        "letters": dict(sorted(Counter(p or "none" for p in picked).items())),
+        "by_source": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_source.items())},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     questions = held_out_mc_questions(args.questions)
 
     # (1) the base model
-    em_before = _exact_match(model_name, None, questions, args.batch_size, args.max_new_tokens)
+    before = _exact_match(model_name, None, questions, args.batch_size, args.max_new_tokens)
+    em_before = before["exact_match"]
     t_before = time.perf_counter()
     print(
         f"[instruct_demo] base exact match {em_before:.3f} on {len(questions)} questions ({t_before - t0:.0f} s)",
@@ -98,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_fit = time.perf_counter()
 
     # (3) the tuned adapter, loaded into a fresh base model
-    em_after = _exact_match(model_name, run / "best_adapter", questions, args.batch_size, args.max_new_tokens)
+    after = _exact_match(model_name, run / "best_adapter", questions, args.batch_size, args.max_new_tokens)
+    em_after = after["exact_match"]
     t_after = time.perf_counter()
 
     result = {
@@ -109,6 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
         "exact_match_before": round(em_before, 4),
         "exact_match_after": round(em_after, 4),
         "n_questions": len(questions),
+        "gold_letters": dict(sorted(Counter(q.answer for q in questions).items())),
+        "letters_before": before["letters"],
+        "letters_after": after["letters"],
+        "exact_match_by_source_before": before["by_source"],
+        "exact_match_by_source_after": after["by_source"],
         "trainable_params": metrics["trainable_params"],
         "train_steps": metrics["global_step"],
         "train_examples": cli.datamodule.stats.get("train_examples"),
@@ -123,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'':22}{'before':>10}{'after':>10}")
     print(f"{'val loss':22}{vb:>10}{metrics['value']:>10.4f}")
     print(f"{f'exact match (n={len(questions)})':22}{em_before:>10.3f}{em_after:>10.3f}")
+    for source in result["exact_match_by_source_before"]:
+        b, a = result["exact_match_by_source_before"][source], result["exact_match_by_source_after"][source]
+        print(f"{f'  {source}':22}{b:>10.3f}{a:>10.3f}")
+    print(f"letters picked: gold {result['gold_letters']}; before {before['letters']}; after {after['letters']}")
     print(
         f"trainable params {metrics['trainable_params']:,}; {metrics['global_step']} steps; "
         f"wall time {result['wall_time_s']:.0f} s; run {run}"
