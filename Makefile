@@ -51,14 +51,17 @@ SEEDS ?= 3
 LRS ?=
 CONFIG ?=
 ARGS ?=
-ABL_OPTS = --task $(TASK) --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(CONFIG),--config $(CONFIG))
+EXTEND ?=
+ABL_OPTS = --task $(TASK) --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(CONFIG),--config $(CONFIG)) $(if $(EXTEND),--extend $(EXTEND))
+# The embedded task never needs the hubs; a GLUE task or your own config/ARGS may (hub model names).
+HUB_MODE = $(if $(or $(CONFIG),$(ARGS),$(filter-out sentiment,$(TASK))),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: ablation ablations ablation-report
-ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" CONFIG= ARGS="--trainer.x=y"]
-	HF_HUB_OFFLINE=1 $(PY) -m msplora.ablation run $(NAME) $(ABL_OPTS) -- $(ARGS)
+ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 CONFIG= ARGS="--trainer.x=y"]
+	$(HUB_MODE) $(PY) -m msplora.ablation run $(NAME) $(ABL_OPTS) -- $(ARGS)
 
 ablations: install ## run every variant in ablations/
-	HF_HUB_OFFLINE=1 $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
+	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
 
 ablation-report: install ## table (markdown) + PNG of whatever ablation results exist
 	$(PY) -m msplora.ablation report --task $(TASK)
@@ -70,7 +73,7 @@ STORAGE ?=
 STUDY ?=
 .PHONY: search search-report
 search: install ## Optuna search of rank decay / grouping: make search TRIALS=20 WORKERS=2 [STORAGE=url STUDY=name]
-	HF_HUB_OFFLINE=1 $(PY) -m msplora.search run --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY)) -- $(ARGS)
+	$(if $(ARGS),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) $(PY) -m msplora.search run --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY)) -- $(ARGS)
 
 search-report: install ## best trials, Pareto front, plots and the best config as an overlay
 	$(PY) -m msplora.search report $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY))

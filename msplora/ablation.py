@@ -53,6 +53,8 @@ EMBEDDED_STEPS = 100
 # epochs), and they differ by variant: measured at seed 0, `full` is best at 2e-3 and collapses
 # to chance at 4e-3, while `lora` gains from 4e-3. 5e-4 was the worst for every variant.
 EMBEDDED_LRS = (1e-3, 2e-3, 4e-3)
+# A best LR on the edge of the grid gets up to this many more LRs outwards.
+DEFAULT_EXTEND = 2
 VAL_FRACTION = 0.1
 
 
@@ -224,6 +226,22 @@ def lr_tag(lr: float) -> str:
     return f"{lr:g}"
 
 
+def best_of(sweep: list[dict]) -> dict:
+    return max(sweep, key=lambda r: r["val"])  # selection metrics here are all higher-is-better
+
+
+def next_lr(tried: list[float], best: float) -> float | None:
+    """The next LR outwards when `best` is the largest or smallest tried (same geometric step), else None."""
+    grid = sorted(set(tried))
+    if len(grid) < 2:
+        return None
+    if math.isclose(best, grid[-1]):
+        return float(f"{grid[-1] ** 2 / grid[-2]:.6g}")
+    if math.isclose(best, grid[0]):
+        return float(f"{grid[0] ** 2 / grid[1]:.6g}")
+    return None
+
+
 # -- a variant ------------------------------------------------------------------------------------------
 def run_variant(
     name: str,
@@ -236,6 +254,7 @@ def run_variant(
     root: Path = RESULTS,
     folder: Path = ABLATIONS,
     log=print,
+    extend: int = 0,
 ) -> list[dict]:
     overlay = variant_path(name, folder)
     cfg = task_config(task, config)
@@ -272,8 +291,17 @@ def run_variant(
         )
         return rec
 
-    sweep = [run_one(lr, 0, out / "lr_sweep" / f"lr{lr_tag(lr)}.json") for lr in lrs]
-    best = max(sweep, key=lambda r: r["val"])  # selection metrics here are all higher-is-better
+    def sweep_run(lr: float) -> dict:
+        return run_one(lr, 0, out / "lr_sweep" / f"lr{lr_tag(lr)}.json")
+
+    sweep = [sweep_run(lr) for lr in lrs]
+    for _ in range(extend):  # a best LR on the grid's edge is not known to be the best: step outwards
+        nxt = next_lr([r["lr"] for r in sweep], best_of(sweep)["lr"])
+        if nxt is None:
+            break
+        log(f"[{name}] best LR {lr_tag(best_of(sweep)['lr'])} lies on the edge of the sweep: trying {lr_tag(nxt)}")
+        sweep.append(sweep_run(nxt))
+    best = best_of(sweep)
     records = []
     for seed in range(seeds):
         path = out / f"seed{seed}.json"
@@ -324,11 +352,17 @@ def summarise(found: dict[str, list[dict]]) -> list[dict]:
         vals = [r["test"] for r in recs]
         lrs = sorted({r["lr"] for r in recs})
         lora = recs[0].get("lora_r8_adapter_params")
+        swept = sorted(float(k) for k in recs[0].get("lr_sweep", {}))
+        edge = ""
+        if len(swept) > 1 and len(lrs) == 1:  # a chosen LR on the sweep's edge may not be the best one
+            edge = "top" if math.isclose(lrs[0], swept[-1]) else "bottom" if math.isclose(lrs[0], swept[0]) else ""
         rows.append(
             {
                 "variant": name,
                 "levels": recs[0].get("levels", "?"),
                 "lr": ", ".join(_fmt_lr(x) for x in lrs),
+                "swept": [_fmt_lr(x) for x in swept],
+                "lr_edge": edge,
                 "metric": recs[0]["metric"],
                 "mean": statistics.fmean(vals),
                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -345,15 +379,18 @@ def markdown(rows: list[dict], task: str) -> str:
     lines = [
         f"Task `{task}`: dev-split {metric}, mean ± std over seeds, at each variant's LR "
         "(chosen on a validation split carved from train). Params: trainable adapter parameters; "
-        "vs LoRA: relative to LoRA r=8 on the same targets.",
+        "vs LoRA: relative to LoRA r=8 on the same targets. LR chosen: ↑ / ↓ = the largest / smallest "
+        "LR swept, so a better one may lie beyond.",
         "",
-        f"| variant | levels | LR chosen | dev {metric} (mean ± std, n) | adapter params | vs LoRA r=8 |",
-        "|---|---|---|---|---:|---:|",
+        f"| variant | levels | LR chosen | LRs swept | dev {metric} (mean ± std, n) | adapter params | vs LoRA r=8 |",
+        "|---|---|---|---|---|---:|---:|",
     ]
     for r in rows:
+        mark = {"top": " ↑", "bottom": " ↓"}.get(r.get("lr_edge", ""), "")
+        swept = ", ".join(r.get("swept", [])) or "-"
         lines.append(
-            f"| {r['variant']} | {r['levels']} | {r['lr']} | {r['mean']:.4f} ± {r['std']:.4f} ({r['n']}) "
-            f"| {r['adapter_params']:,} | {r['vs_lora']:.2f}x |"
+            f"| {r['variant']} | {r['levels']} | {r['lr']}{mark} | {swept} | {r['mean']:.4f} ± {r['std']:.4f} "
+            f"({r['n']}) | {r['adapter_params']:,} | {r['vs_lora']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -438,6 +475,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"training steps per run (default {EMBEDDED_STEPS} on the embedded task, else the config's epochs)",
     )
+    r.add_argument(
+        "--extend",
+        type=int,
+        default=DEFAULT_EXTEND,
+        help="when the best LR is the grid's largest or smallest, try up to this many more LRs outwards "
+        f"(same geometric step), stopping once the best is inside (default {DEFAULT_EXTEND}; 0: the grid only)",
+    )
     r.add_argument("--root", type=Path, default=RESULTS, help="results root")
     rp = sub.add_parser("report", help="markdown table + PNG of whatever results exist")
     rp.add_argument("--task", default=DEFAULT_TASK)
@@ -455,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
         variant_path(n)  # every name checked before anything runs
     if a.seeds < 1:
         raise AblationError(f"--seeds {a.seeds}: need at least 1. Fix: e.g. --seeds 3")
+    if a.extend < 0:
+        raise AblationError(f"--extend {a.extend}: need 0 or more. Fix: e.g. --extend 2")
     lrs = None
     if a.lrs:
         try:
@@ -468,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     t0 = time.perf_counter()
     for n in names:
-        run_variant(n, a.task, a.seeds, lrs, a.config, steps, extra, root=a.root)
+        run_variant(n, a.task, a.seeds, lrs, a.config, steps, extra, root=a.root, extend=a.extend)
         print(f"[suite] {n} finished; {time.perf_counter() - t0:.0f} s so far", flush=True)
     print(report(a.task, a.root))
 

@@ -155,7 +155,7 @@ def fake_fit(monkeypatch):
         return {
             "task": "sentiment",
             "metric": "accuracy",
-            "val": {1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75}[lr],
+            "val": fail_at.get("vals", {1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75})[lr],
             "test": 0.5 + seed / 100,
             "lr": lr,
             "seed": seed,
@@ -237,6 +237,36 @@ def test_the_embedded_task_sweeps_its_own_grid(tmp_path, tiny_bert_dir, fake_fit
     assert [lr for lr, _ in calls] == list(ablation.EMBEDDED_LRS)
 
 
+def test_next_lr_steps_outwards_only_from_an_edge():
+    assert ablation.next_lr([1e-3, 2e-3, 4e-3], 4e-3) == 8e-3
+    assert ablation.next_lr([1e-3, 2e-3, 4e-3], 1e-3) == 5e-4
+    assert ablation.next_lr([1e-3, 2e-3, 4e-3], 2e-3) is None
+    assert ablation.next_lr([1e-3, 3e-3], 3e-3) == 9e-3
+    assert ablation.next_lr([1e-3], 1e-3) is None
+
+
+def test_a_best_lr_on_the_edge_extends_the_sweep_until_it_is_inside(tmp_path, tiny_bert_dir, fake_fit, capsys):
+    calls, knobs = fake_fit
+    knobs["vals"] = {5e-4: 0.1, 1e-3: 0.7, 2e-3: 0.75, 4e-3: 0.8, 8e-3: 0.85, 1.6e-2: 0.6}
+    extra = [f"--model.model={tiny_bert_dir}"]
+    quiet = {"root": tmp_path, "log": lambda *_: None}
+    ablation.run_variant("full", "sentiment", 2, [1e-3, 2e-3, 4e-3], None, 2, extra, extend=1, **quiet)
+    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (8e-3, 0), (8e-3, 1)]  # one step allowed: still on the edge
+    ablation.report("sentiment", tmp_path)
+    row = next(r for r in ablation.summarise(ablation.collect("sentiment", tmp_path)) if r["variant"] == "full")
+    assert row["lr_edge"] == "top" and row["swept"] == ["0.001", "0.002", "0.004", "0.008"]
+    assert "| 0.008 ↑ | 0.001, 0.002, 0.004, 0.008 |" in (tmp_path / "sentiment" / "report.md").read_text()
+    calls.clear()  # a second step finds the peak: 1.6e-2 is worse, so 8e-3 is inside and stays chosen
+    recs = ablation.run_variant("full", "sentiment", 2, [1e-3, 2e-3, 4e-3], None, 2, extra, extend=2, **quiet)
+    assert calls == [(1.6e-2, 0)] and [r["lr"] for r in recs] == [8e-3, 8e-3]
+    row = ablation.summarise(ablation.collect("sentiment", tmp_path))[0]
+    assert row["lr_edge"] == "" and len(row["swept"]) == 5
+    calls.clear()  # and at the bottom edge
+    knobs["vals"] = {5e-4: 0.9, 2.5e-4: 0.8, 1e-3: 0.7, 2e-3: 0.6}
+    ablation.run_variant("no_mid", "sentiment", 1, [1e-3, 2e-3], None, 2, extra, extend=3, **quiet)
+    assert calls == [(1e-3, 0), (2e-3, 0), (5e-4, 0), (2.5e-4, 0)]
+
+
 def test_an_interrupted_seed_leaves_no_file_and_is_rerun(tmp_path, tiny_bert_dir, fake_fit):
     calls, fail_at = fake_fit
     extra = [f"--model.model={tiny_bert_dir}"]
@@ -313,7 +343,7 @@ def test_report_on_fabricated_results(tmp_path, capsys):
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [r.split("|")[1].strip() for r in rows] == ["no_mid", "full", "lora"]  # by parameter count
     full = rows[1]
-    assert "| G8 M4x3 L2 | 0.001 | 0.8200 ± 0.0200 (3) | 49,152 | 0.67x |" in full
+    assert "| G8 M4x3 L2 | 0.001 | - | 0.8200 ± 0.0200 (3) | 49,152 | 0.67x |" in full  # no sweep recorded
     assert "0.8500 ± 0.0000 (2)" in rows[2] and "| 1.00x |" in rows[2] and "| 0.0005 |" in rows[2]
     assert "(1)" in rows[0]
     png = tmp_path / "sentiment" / "report.png"
