@@ -402,19 +402,33 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Variants that land on the same point (same pyramid, e.g. group_size_2 = full on 6 layers)
+    # share one label; in a column of points, labels alternate above and below.
+    points: dict[tuple[int, float], list[dict]] = {}
     for r in rows:
+        points.setdefault((r["adapter_params"], round(r["mean"], 6)), []).append(r)
+    column_seen: dict[int, int] = {}
+    for (x, _), group in sorted(points.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        r = group[0]
         lora_like = r["levels"].startswith("L") and " " not in r["levels"]
         ax.errorbar(
-            r["adapter_params"],
+            x,
             r["mean"],
             yerr=r["std"],
             fmt="s" if lora_like else "o",
             color="tab:gray" if lora_like else "tab:blue",
             capsize=3,
         )
+        below = column_seen.get(x, 0) % 2 == 1
+        column_seen[x] = column_seen.get(x, 0) + 1
         ax.annotate(
-            r["variant"], (r["adapter_params"], r["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+            " = ".join(g["variant"] for g in group),
+            (x, r["mean"]),
+            textcoords="offset points",
+            xytext=(6, -11) if below else (6, 4),
+            fontsize=8,
         )
+    ax.margins(x=0.12)  # room for the labels of the rightmost points
     ax.set_xlabel("trainable adapter parameters")
     ax.set_ylabel(f"dev {rows[0]['metric'] if rows else 'metric'} (mean ± std over seeds)")
     ax.set_title(f"MSPLoRA ablations: {task}")
