@@ -326,3 +326,64 @@ def test_llama2_7b_alpaca_config_is_the_paper_recipe():
     assert dm.batch_size * t.accumulate_grad_batches * t.devices == 128 and dm.batch_size == 4
     assert t.max_epochs == 3 and t.precision == "bf16-mixed"
     assert cli.model.model is None  # nothing loaded
+
+
+DDP_GROUPED_SCRIPT = """
+import json, sys, torch, msplora
+from lightning.pytorch.callbacks import Callback
+from msplora.training.cli import cli_main
+
+
+class Seen(Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            self.rows.append(ids[mask.bool()].tolist())
+
+
+cli = cli_main(sys.argv[1:], run=False)
+seen = Seen()
+cli.trainer.callbacks.append(seen)
+cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+rank, root = cli.trainer.global_rank, cli.trainer.default_root_dir
+bank = msplora.get_bank(cli.model.model)
+torch.save({k: v.detach().clone() for k, v in bank.state_dict().items()}, f"{root}/rank{rank}.pt")
+train = [ex["input_ids"] for ex in cli.datamodule.datasets["train"].items]
+json.dump({"seen": seen.rows, "train": train}, open(f"{root}/rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_with_length_grouped_batches_splits_the_data_and_agrees(tmp_path, tiny_llama_dir, alpaca_file):
+    """Two gloo processes, group_by_length on: Lightning shards the length-grouped order across ranks."""
+    script = tmp_path / "ddp_grouped.py"
+    script.write_text(DDP_GROUPED_SCRIPT)
+    args = fit_args(
+        tmp_path,
+        tiny_llama_dir,
+        alpaca_file,
+        "--data.init_args.group_by_length=true",
+        "--trainer.max_epochs=1",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.logger=false",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith(".B"))  # it did train
+    s0, s1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert s0["train"] == s1["train"] and len(s0["train"]) == 32  # 40 records - 8 validation
+    seen0, seen1 = {tuple(x) for x in s0["seen"]}, {tuple(x) for x in s1["seen"]}
+    assert len(s0["seen"]) == len(s1["seen"]) == 16  # each rank: its half, once
+    assert not seen0 & seen1 and seen0 | seen1 == {tuple(x) for x in s0["train"]}
