@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,26 @@ def glue_dir() -> Path:
     if not (GLUE_DIR / "RTE" / "train.tsv").exists():
         pytest.skip(f"GLUE files not found at {GLUE_DIR} (set MSPLORA_GLUE_DIR)")
     return GLUE_DIR
+
+
+def run_ddp_script(script: str, args: list[str], root: Path) -> dict[str, object]:
+    """Run `script` (which saves its bank as ``<root>/rank<r>.pt``) on 2 gloo processes as a
+    subprocess (Lightning re-executes the command line for rank 1); check both ranks trained
+    the same adapter and return rank 0's bank."""
+    import torch
+
+    path = root / "ddp_script.py"
+    path.write_text(script)
+    proc = subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(root / "rank0.pt"), torch.load(root / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith(".B"))  # it did train
+    return r0

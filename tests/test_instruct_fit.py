@@ -24,7 +24,7 @@ import msplora
 from msplora import hf
 from msplora.training.cli import cli_main
 from msplora.training.instruct import InstructionDataModule
-from tests.conftest import REPO
+from tests.conftest import REPO, run_ddp_script
 
 CONFIGS = REPO / "configs"
 N_LAYERS = 6  # the demo pyramid's mid level has 3 groups
@@ -358,8 +358,6 @@ json.dump({"seen": seen.rows, "train": train}, open(f"{root}/rank{rank}.json", "
 @pytest.mark.slow
 def test_ddp_with_length_grouped_batches_splits_the_data_and_agrees(tmp_path, tiny_llama_dir, alpaca_file):
     """Two gloo processes, group_by_length on: Lightning shards the length-grouped order across ranks."""
-    script = tmp_path / "ddp_grouped.py"
-    script.write_text(DDP_GROUPED_SCRIPT)
     args = fit_args(
         tmp_path,
         tiny_llama_dir,
@@ -370,18 +368,7 @@ def test_ddp_with_length_grouped_batches_splits_the_data_and_agrees(tmp_path, ti
         "--trainer.strategy=ddp",
         "--trainer.logger=false",
     )
-    proc = subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith(".B"))  # it did train
+    run_ddp_script(DDP_GROUPED_SCRIPT, args, tmp_path)
     s0, s1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert s0["train"] == s1["train"] and len(s0["train"]) == 32  # 40 records - 8 validation
     seen0, seen1 = {tuple(x) for x in s0["seen"]}, {tuple(x) for x in s1["seen"]}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import msplora
 from msplora.training.cli import cli_main
-from tests.conftest import REPO
+from tests.conftest import REPO, run_ddp_script
 
 CONFIGS = REPO / "configs"
 # Causal-LM configs (InstructionDataModule) are smoke-run on a tiny LLaMA in test_instruct_fit.py.
@@ -151,20 +151,7 @@ torch.save({k: v.detach().clone() for k, v in bank.state_dict().items()}, f"{cli
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train_the_same_adapter(tmp_path, tiny_bert_dir):
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT)
     args = fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.strategy=ddp")
-    proc = subprocess.run(
-        [sys.executable, str(script), "fit", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith(".B"))  # it did train
+    run_ddp_script(DDP_SCRIPT, ["fit", *args], tmp_path)
     m = metrics_of(tmp_path)
     assert m["global_step"] == 2  # 64 samples / (16 x 2 ranks)
