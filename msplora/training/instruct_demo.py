@@ -29,24 +29,15 @@ CONFIGS = (REPO / "configs" / "base.yaml", REPO / "configs" / "instruct_demo.yam
 
 
 def _exact_match(model_name: str, adapter: Path | None, questions, batch_size: int, max_new_tokens: int) -> dict:
-    """Exact match, the letters picked (a model that always says "A" shows here) and EM per source."""
+    """Exact match, the letters picked and exact match per source (`mc_score`)."""
     import msplora
     from msplora.hf import load_causal_lm, load_tokenizer
-    from msplora.training.instruct import mc_predictions
+    from msplora.training.instruct import mc_predictions, mc_score
 
     model = load_causal_lm(model_name)
     if adapter is not None:
         msplora.load_adapter(model, adapter)
-    picked = mc_predictions(model, load_tokenizer(model_name), questions, batch_size, max_new_tokens)
-    hits = [p == q.answer for p, q in zip(picked, questions)]
-    by_source: dict[str, list[bool]] = {}
-    for hit, q in zip(hits, questions):
-        by_source.setdefault(q.source, []).append(hit)
-    return {
-        "exact_match": sum(hits) / len(questions),
-        "letters": dict(sorted(Counter(p or "none" for p in picked).items())),
-        "by_source": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_source.items())},
-    }
+    return mc_score(mc_predictions(model, load_tokenizer(model_name), questions, batch_size, max_new_tokens), questions)
 
 
 def main(argv: list[str] | None = None) -> dict:
