@@ -11,8 +11,8 @@
 Why a sweep: levels have different scales (alpha / r) and shared tensors gather gradient
 from several layers, so one learning rate would favour some variants. Each variant gets its
 own best LR from ``--lrs`` (default: 1e-3, 2e-3, 4e-3 on the embedded task, else the
-config's lr x 0.5, 1, 2; the head LR keeps the config's head_lr / lr ratio), chosen on the carved validation split; the dev split is only
-ever used for the reported number.
+config's lr x 0.5, 1, 2; the head LR keeps the config's head_lr / lr ratio), chosen on the
+carved validation split; the dev split is only ever used for the reported number.
 
 A result file exists only once its run has fully finished (fit + test), so a rerun skips
 finished work and reruns an interrupted seed; a file written under other settings
@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from msplora.io import split_passthrough, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "ablations"
@@ -105,6 +107,11 @@ def levels_label(levels: list[dict], n_layers: int | None) -> str:
 
 
 # -- one run ------------------------------------------------------------------------------------------
+def is_embedded(task: str, config: str | None) -> bool:
+    """The built-in task with its own config: the embedded steps and LR grid apply."""
+    return config is None and task == DEFAULT_TASK
+
+
 def task_config(task: str, config: str | None) -> Path:
     if config is not None:
         path = Path(config)
@@ -204,6 +211,11 @@ def run_signature(args: list[str], ratio: float | None) -> str:
     return hashlib.sha1(json.dumps([parts, ratio]).encode()).hexdigest()[:12]
 
 
+def _same_run(rec: dict, signature: str | None, lr: float) -> bool:
+    """Made under these settings at this LR (the seed is checked apart)."""
+    return rec.get("signature") == signature and math.isclose(rec.get("lr", math.nan), lr, rel_tol=1e-9)
+
+
 def _read(path: Path, signature: str, lr: float, seed: int) -> dict | None:
     """A finished result of this very run (same settings, LR and seed), else None."""
     if not path.is_file():
@@ -212,14 +224,7 @@ def _read(path: Path, signature: str, lr: float, seed: int) -> dict | None:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    same = rec.get("signature") == signature and rec.get("seed") == seed
-    return rec if same and math.isclose(rec.get("lr", math.nan), lr, rel_tol=1e-9) else None
-
-
-def _write(path: Path, rec: dict) -> None:
-    from msplora.io import write_json_atomic
-
-    write_json_atomic(path, rec)
+    return rec if _same_run(rec, signature, lr) and rec.get("seed") == seed else None
 
 
 def lr_tag(lr: float) -> str:
@@ -258,7 +263,6 @@ def run_variant(
 ) -> list[dict]:
     overlay = variant_path(name, folder)
     cfg = task_config(task, config)
-    embedded = config is None and task == DEFAULT_TASK
     args = base_args(overlay, cfg, steps, extra)
     cli = parse(args)  # fail fast on a bad overlay / override, and read lr, head_lr, task
     data_task = cli.datamodule.hparams.task
@@ -269,7 +273,7 @@ def run_variant(
         )
     lr0, head0 = cli.model.hparams.lr, cli.model.hparams.head_lr
     ratio = None if head0 is None else head0 / lr0
-    lrs = lrs or (list(EMBEDDED_LRS) if embedded else [lr0 * 0.5, lr0, lr0 * 2])
+    lrs = lrs or (list(EMBEDDED_LRS) if is_embedded(task, config) else [lr0 * 0.5, lr0, lr0 * 2])
     out = root / task / name
     signature = run_signature(args, ratio)
 
@@ -284,7 +288,7 @@ def run_variant(
         log(f"[{name}] lr={lr_tag(lr)} seed={seed}: running")
         rec = fit_and_test(run_args, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
         rec.update(variant=name, hypothesis=hypothesis(overlay), signature=signature, overlay=overlay.read_text())
-        _write(path, rec)
+        write_json_atomic(path, rec)
         log(
             f"[{name}] lr={lr_tag(lr)} seed={seed}: val {rec['val']:.4f} dev {rec['test']:.4f} "
             f"({rec['wall_time_s']:.0f} s)"
@@ -295,19 +299,20 @@ def run_variant(
         return run_one(lr, 0, out / "lr_sweep" / f"lr{lr_tag(lr)}.json")
 
     sweep = [sweep_run(lr) for lr in lrs]
+    best = best_of(sweep)
     for _ in range(extend):  # a best LR on the grid's edge is not known to be the best: step outwards
-        nxt = next_lr([r["lr"] for r in sweep], best_of(sweep)["lr"])
+        nxt = next_lr([r["lr"] for r in sweep], best["lr"])
         if nxt is None:
             break
-        log(f"[{name}] best LR {lr_tag(best_of(sweep)['lr'])} lies on the edge of the sweep: trying {lr_tag(nxt)}")
+        log(f"[{name}] best LR {lr_tag(best['lr'])} lies on the edge of the sweep: trying {lr_tag(nxt)}")
         sweep.append(sweep_run(nxt))
-    best = best_of(sweep)
+        best = best_of(sweep)
     records = []
     for seed in range(seeds):
         path = out / f"seed{seed}.json"
         if seed == 0:  # the sweep's run at the chosen LR is seed 0 (rewritten: the grid may have changed)
             rec = dict(best, lr_sweep={lr_tag(r["lr"]): r["val"] for r in sweep})
-            _write(path, rec)
+            write_json_atomic(path, rec)
         else:  # done before at the same LR counts; a seed run at an LR no longer chosen is redone
             rec = run_one(best["lr"], seed, path)
         records.append(rec)
@@ -334,7 +339,7 @@ def collect(task: str, root: Path = RESULTS, log=print) -> dict[str, list[dict]]
         ref = recs[0][1]
         keep = []
         for path, rec in recs:
-            if rec.get("signature") == ref.get("signature") and math.isclose(rec["lr"], ref["lr"], rel_tol=1e-9):
+            if _same_run(rec, ref.get("signature"), ref["lr"]):
                 keep.append(rec)
             else:
                 log(f"[report] {path}: made at another LR or with other settings than {recs[0][0].name}, left out")
@@ -448,8 +453,6 @@ def report(task: str, root: Path = RESULTS) -> str:
     rows = summarise(found)
     text = markdown(rows, task)
     out = root / task
-    from msplora.io import write_json_atomic
-
     (out / ".report.md.tmp").write_text(text)
     (out / ".report.md.tmp").replace(out / "report.md")
     write_json_atomic(out / "report.json", {"task": task, "rows": rows})
@@ -459,11 +462,7 @@ def report(task: str, root: Path = RESULTS) -> str:
 
 # -- CLI ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m msplora.ablation", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run variants (LR sweep on seed 0, then every seed at the chosen LR)")
@@ -523,9 +522,7 @@ def main(argv: list[str] | None = None) -> None:
             raise AblationError(f'--lrs {a.lrs!r}: not numbers. Fix: e.g. --lrs "5e-4 1e-3 2e-3"') from None
         if not lrs or any(x <= 0 for x in lrs):
             raise AblationError(f'--lrs {a.lrs!r}: need positive values. Fix: e.g. --lrs "5e-4 1e-3 2e-3"')
-    steps = (
-        a.steps if a.steps is not None else (EMBEDDED_STEPS if a.config is None and a.task == DEFAULT_TASK else None)
-    )
+    steps = a.steps if a.steps is not None else (EMBEDDED_STEPS if is_embedded(a.task, a.config) else None)
     t0 = time.perf_counter()
     for n in names:
         run_variant(n, a.task, a.seeds, lrs, a.config, steps, extra, root=a.root, extend=a.extend)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every floor (no torch, no Lightning)."""
+"""Small file and command-line helpers shared by every floor (no torch, no Lightning)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,12 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``[own options] -- [options passed on to the fit]`` -> (own, passed on); no ``--``: nothing passed on."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]

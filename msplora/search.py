@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from msplora.io import split_passthrough
 from msplora.pyramid import group_sizes, parameter_count, rank_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -921,11 +922,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m msplora.search", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
