@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import msplora
 from msplora import hf
 from msplora.training.cli import cli_main
 from msplora.training.instruct import InstructionDataModule
 from tests.conftest import REPO, run_ddp_script
+from tests.tiny import tiny_llama
 
 CONFIGS = REPO / "configs"
 N_LAYERS = 6  # the demo pyramid's mid level has 3 groups
@@ -40,20 +41,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
         except hf.MissingModelPackageError as e:
             pytest.skip(str(e))
     out = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    tiny_llama(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    ).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

@@ -128,6 +128,18 @@ def _space(tmp_path: Path, **change) -> Path:
     return path
 
 
+def _tiny_fit(model_dir: Path, *extra: str) -> list[str]:
+    """Fit overrides for a real trial on the tiny BERT: 64 training rows in batches of 16."""
+    return [
+        f"--model.model={model_dir}",
+        "--data.init_args.max_train_samples=64",
+        "--data.init_args.max_eval_samples=32",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.max_length=32",
+        *extra,
+    ]
+
+
 def _run(tmp_path, storage, *args, env=None, popen=False, study="s", extra=()):
     cmd = [
         sys.executable,
@@ -310,14 +322,7 @@ def test_one_real_tiny_trial_end_to_end_and_best_yaml_fits(tmp_path, tiny_bert_d
     """A real fit through the search (tiny BERT), then its best.yaml accepted by `fit`."""
     from msplora.training.cli import cli_main
 
-    fit = [
-        f"--model.model={tiny_bert_dir}",
-        "--data.init_args.max_train_samples=64",
-        "--data.init_args.max_eval_samples=32",
-        "--data.init_args.batch_size=16",
-        "--data.init_args.max_length=32",
-        "--trainer.max_epochs=2",
-    ]
+    fit = _tiny_fit(tiny_bert_dir, "--trainer.max_epochs=2")
     space = _space(tmp_path, objective="single", sampler={"name": "random", "seed": 0})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = _run(tmp_path, storage, "--trials", "1", "--workers", "1", "--space", str(space), extra=fit)
@@ -358,17 +363,13 @@ def test_one_real_tiny_trial_end_to_end_and_best_yaml_fits(tmp_path, tiny_bert_d
 @pytest.mark.slow
 def test_ddp_trial_two_gloo_ranks_same_config_and_pruning_reaches_both(tmp_path, tiny_bert_dir):
     """Each trial trains on 2 CPU ranks; a pruner that always prunes (after epoch 0) must stop both."""
-    fit = [
-        f"--model.model={tiny_bert_dir}",
-        "--data.init_args.max_train_samples=64",
-        "--data.init_args.max_eval_samples=32",
-        "--data.init_args.batch_size=16",
-        "--data.init_args.max_length=32",
+    fit = _tiny_fit(
+        tiny_bert_dir,
         "--trainer.max_epochs=4",
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
         "--trainer.accelerator=cpu",
-    ]
+    )
     space = _space(
         tmp_path,
         objective="single",

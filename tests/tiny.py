@@ -54,17 +54,21 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **config):
+    """`config` overrides LlamaConfig fields (e.g. a real tokenizer's vocab size and special ids)."""
     torch.manual_seed(seed)
     # grouped-query attention: v_proj (32 -> 16) differs in shape from q_proj (32 -> 32)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": N_LAYERS,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            **config,
+        }
     )
     return LlamaForCausalLM(cfg).eval()
 
