@@ -177,36 +177,14 @@ def _assert_exact(study, n: int) -> None:
 def test_two_workers_share_one_sqlite_study_exactly(tmp_path):
     space = _space(tmp_path)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    proc = _run(
-        tmp_path,
-        storage,
-        "--trials",
-        "12",
-        "--workers",
-        "2",
-        "--space",
-        str(space),
-        "--fit-fn",
-        "tests.test_search:fake_fit",
-        env={"FAKE_FIT_SLEEP": "0.2"},
-    )
+    search = ("--trials", "12", "--workers", "2", "--space", str(space), "--fit-fn", "tests.test_search:fake_fit")
+    proc = _run(tmp_path, storage, *search, env={"FAKE_FIT_SLEEP": "0.2"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     study = optuna.load_study(study_name="s", storage=storage)
     _assert_exact(study, 12)
     assert len({t.user_attrs["worker_pid"] for t in study.get_trials()}) == 2  # both workers took trials
     # rerunning the finished search adds nothing; a different space on the same study is refused
-    again = _run(
-        tmp_path,
-        storage,
-        "--trials",
-        "12",
-        "--workers",
-        "2",
-        "--space",
-        str(space),
-        "--fit-fn",
-        "tests.test_search:fake_fit",
-    )
+    again = _run(tmp_path, storage, *search)
     assert again.returncode == 0 and len(optuna.load_study(study_name="s", storage=storage).trials) == 12
     other = _run(tmp_path, storage, "--trials", "12", "--space", str(_space(tmp_path, objective="single")))
     assert other.returncode == 2 and "another space" in other.stderr
