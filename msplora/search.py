@@ -552,8 +552,9 @@ def work(
     ran = failures = 0
     study._stop_flag = False
     while not study._stop_flag:
-        _fail_stale(study)  # retries a dead worker's trial (enqueues a copy)
-        trial_id = study._pop_waiting_trial_id()  # atomic WAITING -> RUNNING: never two owners
+        with _queue_lock(storage):
+            _fail_stale(study)  # retries a dead worker's trial (enqueues a copy)
+            trial_id = study._pop_waiting_trial_id()  # WAITING -> RUNNING: never two owners
         if trial_id is None:
             break
         study._thread_local.cached_all_trials = None  # as Study.ask: the sampler sees other workers' trials
@@ -584,6 +585,25 @@ def work(
                 os.environ.pop(ENV_TRIAL, None)
         ran += 1
     return ran
+
+
+def _queue_lock(storage):
+    """A lock around taking a WAITING trial, where the storage cannot make that atomic itself.
+
+    Optuna pops a WAITING trial by reading its state and then writing RUNNING; the row lock
+    (SELECT ... FOR UPDATE) that makes this atomic on PostgreSQL/MySQL does not exist in SQLite,
+    so two workers on one SQLite file could both take the same trial. For SQLite, a file lock
+    beside the database serialises the pop (workers sharing a SQLite file share a file system).
+    The journal storage's pop is already safe across processes.
+    """
+    import contextlib
+
+    url = getattr(getattr(storage, "engine", None), "url", None)
+    if url is None or url.get_backend_name() != "sqlite" or not url.database:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{url.database}.queue.lock")
 
 
 def _fail_stale(study) -> None:
