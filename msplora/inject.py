@@ -399,7 +399,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path}: adapter config differs from the model's adapter config. "
             "Fix: load into a model without an adapter, or one injected with the same config"
         )
-    layout = _layout_of_plan(model, config) if bank is None else _layout(model)
+    layout = target_layout(model, config) if bank is None else _layout(model)
     if layout != info["layout"]:
         raise ConfigError(
             f"{path}: adapter does not fit this model: saved layout {info['layout']} vs model {layout}. "
@@ -422,7 +422,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def _layout_of_plan(model: nn.Module, config: MSPLoRAConfig) -> dict[str, dict]:
+def target_layout(model: nn.Module, config: MSPLoRAConfig) -> dict[str, dict]:
+    """What `inject` would build, without building it: kind -> {d_in, d_out, layers}."""
     plan = _plan(model, config)
     return {
         kind: {"d_in": ts[0].shape[0], "d_out": ts[0].shape[1], "layers": [t.layer_id for t in ts]}

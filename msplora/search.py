@@ -34,7 +34,6 @@ import dataclasses
 import importlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -181,35 +180,26 @@ def _resolved_value(configs: list[str], args: list[str], dotted: str, default: A
 
 
 def model_info(configs: list[str], args: list[str]) -> ModelInfo:
-    """Layer count and target shapes from the model's config, on the meta device (no weights)."""
+    """Layer count and target shapes from the model's config, on the meta device (no weights),
+    found exactly as `inject` finds them."""
     import torch
     from transformers import AutoConfig, AutoModel
 
+    from msplora.config import ConfigError, MSPLoRAConfig
     from msplora.hf import resolve_model
+    from msplora.inject import target_layout
 
     name = _resolved_value(configs, args, "model.model", "minilm")
     targets = _resolved_value(configs, args, "model.pyramid.targets", ["query", "value"])
     cfg = AutoConfig.from_pretrained(resolve_model(name))
     with torch.device("meta"):
         model = AutoModel.from_config(cfg)
-    shapes: dict[str, tuple[int, int]] = {}
-    layers: set[int] = set()
-    for qname, mod in model.named_modules():
-        kind = qname.rsplit(".", 1)[-1]
-        hit = re.fullmatch(targets, qname) if isinstance(targets, str) else kind in targets
-        w = getattr(mod, "weight", None)
-        if not hit or w is None or w.ndim != 2:
-            continue
-        d_out, d_in = (w.shape[0], w.shape[1]) if isinstance(mod, torch.nn.Linear) else (w.shape[1], w.shape[0])
-        shapes.setdefault(kind, (int(d_in), int(d_out)))
-        m = re.search(r"\.(?:layer|layers|h|blocks)\.(\d+)\.", f".{qname}.")
-        if m:
-            layers.add(int(m.group(1)))
-    if not shapes or not layers:
-        raise SearchError(
-            f"model {name}: targets {targets} match no per-layer linear map. Fix: set model.pyramid.targets"
-        )
-    return ModelInfo(len(layers), shapes)
+    try:
+        layout = target_layout(model, MSPLoRAConfig(targets=targets))
+    except ConfigError as e:
+        raise SearchError(f"model {name}: {e}") from None
+    layers = {i for kind in layout.values() for i in kind["layers"]}
+    return ModelInfo(len(layers), {k: (int(v["d_in"]), int(v["d_out"])) for k, v in layout.items()})
 
 
 # -- define-by-run sampling ---------------------------------------------------------------------------

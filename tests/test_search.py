@@ -27,6 +27,7 @@ from msplora.search import (
     load_space,
     make_objective,
     mid_choices,
+    model_info,
     open_storage,
     report,
     sample_levels,
@@ -173,6 +174,24 @@ def _assert_exact(study, n: int) -> None:
     done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(done) == n, [(t.number, t.state.name) for t in trials]
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+
+
+def test_model_info_finds_the_targets_inject_wraps(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    import msplora
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"model": str(tiny_bert_dir), "pyramid": {"targets": ["query", "value"]}}}))
+    info = model_info([str(cfg)], [])
+    model = msplora.inject(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir), MSPLoRAConfig(targets=["query", "value"])
+    )
+    kinds = msplora.get_bank(model).kinds
+    assert info.shapes == {k: (kb.d_in, kb.d_out) for k, kb in kinds.items()}
+    assert info.n_layers == len(kinds["query"].layer_ids)
+    with pytest.raises(SearchError, match=r"matches no module.*Fix"):
+        model_info([str(cfg)], ["--model.pyramid.targets=[nope]"])
 
 
 POP_SCRIPT = """
