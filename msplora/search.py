@@ -664,7 +664,8 @@ def cmd_run(a: argparse.Namespace, extra: list[str]) -> int:
     if not a.fit_fn:
         model_info(sp.configs, fit_args)  # fails early on a model / targets that cannot work
     study = create_study(storage, name, sp, fit_args)
-    _fail_stale(study)
+    with _queue_lock(storage):  # other machines' workers may be failing stale trials too
+        _fail_stale(study)
     added = top_up(study, a.trials)
     print(f"study {name!r} on {storage_url(a.storage)}: {counts(study)} (enqueued {added})", flush=True)
     n_gpus = _gpu_count()
@@ -702,9 +703,8 @@ def cmd_run(a: argparse.Namespace, extra: list[str]) -> int:
                     )
                     return 1
                 time.sleep(a.heartbeat or 5)
-                _fail_stale(study)
-                top_up(study, a.trials)
-                continue
+                with _queue_lock(storage):
+                    _fail_stale(study)
             top_up(study, a.trials)
             continue
         procs = []
