@@ -1,0 +1,44 @@
+"""The ablation runner's result signature: what makes a finished result stale, and what not."""
+
+from pathlib import Path
+
+from msplora.ablation import run_signature
+
+BASE = """# base
+trainer:
+  max_epochs: 3
+  log_every_n_steps: 20
+  default_root_dir: runs/x
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.RichProgressBar
+    - class_path: msplora.analysis.SpectrumRecorder
+      init_args: {every_n_steps: 25}
+model:
+  lr: 1.0e-3
+"""
+
+
+def _sig(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "base.yaml"
+    path.write_text(text)
+    return run_signature(["--config", str(path), "--trainer.max_steps=5"], 2.0)
+
+
+def test_progress_logging_and_comments_keep_results(tmp_path):
+    ref = _sig(tmp_path, BASE)
+    edited = (
+        BASE.replace("# base", "# reworded comment")
+        .replace("log_every_n_steps: 20", "log_every_n_steps: 5\n  enable_progress_bar: false")
+        .replace("runs/x", "runs/y")
+        .replace("lightning.pytorch.callbacks.RichProgressBar", "lightning.pytorch.callbacks.TQDMProgressBar")
+    )
+    assert _sig(tmp_path, edited) == ref
+
+
+def test_outcome_settings_make_results_stale(tmp_path):
+    ref = _sig(tmp_path, BASE)
+    assert _sig(tmp_path, BASE.replace("lr: 1.0e-3", "lr: 2.0e-3")) != ref
+    assert _sig(tmp_path, BASE.replace("max_epochs: 3", "max_epochs: 4")) != ref
+    # A callback that can change training (early stopping) is part of the signature.
+    stop = BASE.replace("  callbacks:\n", "  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n")
+    assert _sig(tmp_path, stop) != ref
