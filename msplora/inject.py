@@ -482,7 +482,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(f))  # safetensors: never unpickles
     except (SafetensorError, OSError) as e:
         raise ConfigError(
-            f"{f}: cannot read the adapter weights ({e}); the file is truncated or not safetensors. "
+            f"{f}: cannot read the adapter weights as safetensors ({e}). "
             "Fix: restore the file, or save the adapter again with msplora.save_adapter"
         ) from None
 
