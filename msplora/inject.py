@@ -139,33 +139,81 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _build_bank(plan: dict[str, list[Target]], config: MSPLoRAConfig, device=None) -> MSPLoRABank:
+    """The bank `inject` would attach (on ``device``, default: beside each kind's weights).
+    ``device="meta"`` gives its tensor names and shapes without allocating anything."""
+    kinds = {}
+    for kind, ts in plan.items():
+        w = ts[0].module.weight
+        d_in, d_out = ts[0].shape
+        kinds[kind] = KindBank(
+            config.levels,
+            [t.layer_id for t in ts],
+            d_in,
+            d_out,
+            config.init,
+            w.device if device is None else device,
+            _bank_dtype(w),
+        )
+    return MSPLoRABank(config, kinds)
+
+
 def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
     """Wrap the targets of ``model`` in place, freeze everything but the adapter (and
-    ``modules_to_save``), and return the model. Works on the ``meta`` device."""
+    ``modules_to_save``), and return the model. Works on the ``meta`` device (then
+    materialise with ``model.to_empty(device=...)`` and :func:`reset_adapter`).
+
+    All or nothing: every check runs before the model is touched, and should swapping
+    fail half-way the model gets back its modules and ``requires_grad`` flags."""
     if get_bank(model, required=False) is not None:
         raise ConfigError(
             "model: already has an MSPLoRA adapter. Fix: inject into a fresh model, or merge_and_unload first"
         )
     plan = _plan(model, config)
     save_modules = _modules_to_save(model, config)
-    kinds = {}
-    for kind, ts in plan.items():
-        w = ts[0].module.weight
-        d_in, d_out = ts[0].shape
-        kinds[kind] = KindBank(
-            config.levels, [t.layer_id for t in ts], d_in, d_out, config.init, w.device, _bank_dtype(w)
-        )
-    bank = MSPLoRABank(config, kinds)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for kind, ts in plan.items():
-        for pos, t in enumerate(ts):
-            _set_module(
-                model, t.name, MSPLoRALinear(t.module, kinds[kind], kind, pos, config.dropout, t.fan_in_fan_out)
-            )
-    setattr(model, PREFIX, bank)
-    for _, mod in save_modules:
-        mod.requires_grad_(True)
+    bank = _build_bank(plan, config)
+    bank.train(model.training)
+    was_trainable = {p: p.requires_grad for p in model.parameters()}  # Parameter hashes by identity
+    swapped: list[Target] = []
+    try:
+        for p in was_trainable:
+            p.requires_grad_(False)
+        for kind, ts in plan.items():
+            for pos, t in enumerate(ts):
+                wrapper = MSPLoRALinear(t.module, bank.kinds[kind], kind, pos, config.dropout, t.fan_in_fan_out)
+                # A new module starts in train mode; injecting into an eval model must not
+                # switch its adapter dropout on. Follow the module it replaces.
+                wrapper.train(t.module.training)
+                _set_module(model, t.name, wrapper)
+                swapped.append(t)
+        setattr(model, PREFIX, bank)
+        for _, mod in save_modules:
+            mod.requires_grad_(True)
+    except BaseException:
+        for t in swapped:
+            _set_module(model, t.name, t.module)
+        if getattr(model, PREFIX, None) is bank:
+            delattr(model, PREFIX)
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+        raise
+    return model
+
+
+@torch.no_grad()
+def reset_adapter(model: nn.Module) -> nn.Module:
+    """Re-initialise every A (as at injection: ``config.init``) and zero every B, and rebuild
+    the wrappers' row indices and scales. Materialises an adapter injected on ``meta``
+    after ``model.to_empty(device=...)``, which leaves uninitialised memory in A, B and in
+    the wrappers' buffers. The base weights are not touched (load them as usual)."""
+    bank = get_bank(model)
+    unmerge(model)  # a merged delta must leave W before its A/B are replaced
+    for kb in bank.kinds.values():
+        kb.reset_parameters(bank.config.init)
+    for _, layer in wrapped_layers(model):
+        kb = layer.bank
+        layer.rows.copy_(torch.tensor(kb.rows(layer.pos)))
+        layer.scale.copy_(torch.tensor(kb.scales()))
     return model
 
 
@@ -243,9 +291,22 @@ def format_report(model: nn.Module) -> str:
 
 # -- merge ----------------------------------------------------------------------------------
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Add every delta into its base weight (idempotent); ``safe`` refuses non-finite results."""
-    for _, layer in wrapped_layers(model):
-        layer.merge(safe=safe)
+    """Add every delta into its base weight (idempotent). ``safe`` first checks every layer
+    and refuses, merging none, if any merged weight would be non-finite."""
+    layers = [layer for _, layer in wrapped_layers(model) if not layer.merged]
+    if safe:
+        # One layer at a time (not all merged weights held at once): computing each merged
+        # weight twice is cheaper than holding a second copy of every target weight.
+        bad = [
+            f"{layer.kind} at layer {layer.layer_id}" for layer in layers if not layer.merged_weight().isfinite().all()
+        ]
+        if bad:
+            raise ConfigError(
+                f"merge: the delta of {', '.join(bad)} gives non-finite weights; nothing was merged. "
+                "Fix: look for inf/NaN in the adapter (a diverged run?) before merging"
+            )
+    for layer in layers:
+        layer.merge()
     return model
 
 
@@ -257,7 +318,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Merge, then put the plain base modules back: a model that costs exactly the base."""
+    """Merge, then put the plain base modules back: a model that costs exactly the base.
+    With ``safe``, a refused merge leaves the model as it was (see :func:`merge`)."""
+    get_bank(model)  # refuse a model without an adapter before touching it
     merge(model, safe=safe)
     for name, layer in list(wrapped_layers(model)):
         _set_module(model, name, layer.base_layer)
@@ -267,19 +330,26 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes the base output (merged deltas are taken out)."""
+    """Within the block the model computes the base output (merged deltas are taken out).
+
+    On exit, also when the block raises, every layer is as before: flags restored (nesting
+    works), and a merged weight is put back bit for bit from a copy, since unmerge + merge
+    rounds twice and would drift (visibly in bf16) each time the block runs. That copy
+    costs the merged target weights' memory for the block's duration."""
     layers = [layer for _, layer in wrapped_layers(model)]
-    was_merged = [layer.merged for layer in layers]
+    before = [(layer.disabled, layer.base_layer.weight.detach().clone() if layer.merged else None) for layer in layers]
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
         yield model
     finally:
-        for layer, m in zip(layers, was_merged):
-            layer.disabled = False
-            if m:
-                layer.merge()
+        with torch.no_grad():
+            for layer, (disabled, merged_w) in zip(layers, before):
+                layer.disabled = disabled
+                if merged_w is not None:
+                    layer.base_layer.weight.copy_(merged_w)
+                    layer.merged = True
 
 
 # -- updates, for analysis ------------------------------------------------------------------
@@ -316,15 +386,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each shared tensor once: ``<level>.<kind>.A`` (cells, r, d_in), ``.B`` (cells, d_out, r),
     plus ``modules_to_save.<module>.<param>`` for trained heads."""
     bank = get_bank(model)
+    return {k: v.detach().contiguous().clone() for k, v in _adapter_tensors(model, bank).items()}
+
+
+def _adapter_tensors(model: nn.Module, bank: MSPLoRABank) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors as views (bank may be a meta bank not attached to model)."""
     state = {}
     for kind, kb in bank.kinds.items():
         for k, lv in enumerate(kb.levels):
             a, b = kb.level_block(k)
-            state[f"{lv.name}.{kind}.A"] = a.detach().contiguous().clone()
-            state[f"{lv.name}.{kind}.B"] = b.detach().contiguous().clone()
+            state[f"{lv.name}.{kind}.A"] = a
+            state[f"{lv.name}.{kind}.B"] = b
     for name, mod in _modules_to_save(model, bank.config):
         for pname, p in mod.named_parameters():
-            state[f"modules_to_save.{name}.{pname}"] = p.detach().contiguous().clone()
+            state[f"modules_to_save.{name}.{pname}"] = p
     return state
 
 
@@ -372,6 +447,8 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
 
 
 def read_adapter_config(path: str | Path) -> dict:
+    """The adapter's JSON, checked: format, a valid ``config`` and a ``layout``. A file that
+    is not that raises :class:`ConfigError` (missing files: ``FileNotFoundError``)."""
     path = Path(path)
     cfg = path / ADAPTER_CONFIG
     if not cfg.is_file() or not (path / ADAPTER_WEIGHTS).is_file():
@@ -379,18 +456,44 @@ def read_adapter_config(path: str | Path) -> dict:
             f"{path}: not an MSPLoRA adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}). "
             "Fix: pass the directory written by msplora.save_adapter"
         )
-    info = json.loads(cfg.read_text())
-    if info.get("format") != "msplora":
-        raise ConfigError(f"{cfg}: not an MSPLoRA adapter config (format={info.get('format')!r})")
+    fix = "Fix: restore the file, or save the adapter again with msplora.save_adapter"
+    try:
+        info = json.loads(cfg.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{cfg}: not valid JSON ({e}). {fix}") from None
+    if not isinstance(info, dict) or info.get("format") != "msplora":
+        got = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ConfigError(f"{cfg}: not an MSPLoRA adapter config (format={got!r}). {fix}")
+    if not isinstance(info.get("config"), dict) or not isinstance(info.get("layout"), dict):
+        raise ConfigError(f"{cfg}: has no 'config' and 'layout' objects. {fix}")
+    try:
+        MSPLoRAConfig.from_dict(info["config"])
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{cfg}: its config is invalid: {e}" + ("" if "Fix:" in str(e) else f". {fix}")) from None
     return info
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = path / ADAPTER_WEIGHTS
+    try:
+        return load_file(str(f))  # safetensors: never unpickles
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(
+            f"{f}: cannot read the adapter weights as safetensors ({e}). "
+            "Fix: restore the file, or save the adapter again with msplora.save_adapter"
+        ) from None
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter into ``model`` (injecting it first if needed). Refuses, before
-    changing anything, an adapter that does not fit: no silent partial load."""
-    from safetensors.torch import load_file
-
+    changing anything, an adapter that does not fit or a file that cannot be read: after a
+    refusal the model is as it was. Layers that were merged stay merged, with the loaded
+    adapter's delta (the old delta is taken out first, so ``unmerge`` gives back the base)."""
+    path = Path(path)
     info = read_adapter_config(path)
     config = MSPLoRAConfig.from_dict(info["config"])
     bank = get_bank(model, required=False)
@@ -405,20 +508,26 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path}: adapter does not fit this model: saved layout {info['layout']} vs model {layout}. "
             "Fix: load it into the base model it was trained on"
         )
-    state = load_file(str(Path(path) / ADAPTER_WEIGHTS))  # safetensors: never unpickles
-    if bank is None:
-        inject(model, config)
-    expected = adapter_state_dict(model)
+    state = _read_weights(path)
+    # What the file must hold, from a meta bank when the model has none yet: checked
+    # before injecting, so a refusal has nothing to undo.
+    expected = _adapter_tensors(model, bank if bank is not None else _build_bank(_plan(model, config), config, "meta"))
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or bad_shape:
-        if bank is None:
-            merge_and_unload(model)  # undo our own injection: leave the model as we found it
         raise ConfigError(
             f"{path}: tensors do not fit (missing {missing}, unexpected {unexpected}, wrong shape {bad_shape}). "
             "Fix: load the adapter into the model and config it was saved from"
         )
+    # Every check passed; from here on the model changes.
+    if bank is None:
+        inject(model, config)
+    merged = [layer for _, layer in wrapped_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()  # with the old A/B, which are about to be overwritten
     _copy_in(model, state)
+    for layer in merged:
+        layer.merge()
     return model
 
 

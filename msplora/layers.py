@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msplora.config import Level
+from msplora.config import ConfigError, Level
 from msplora.pyramid import cell_of_layer, n_cells
 
 PREFIX = "msplora_bank"  # every adapter parameter's name starts with this (STYLE principle 7)
@@ -153,22 +153,31 @@ class MSPLoRALinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
+    def merged_weight(self, sign: int = 1) -> torch.Tensor:
+        """W + sign * delta, summed in the wider of W's and the bank's dtype and rounded once
+        to W's dtype (a bf16 base with an fp32 bank: one rounding, not two). W is untouched."""
+        w = self.base_layer.weight
+        acc = torch.promote_types(w.dtype, self._bank.A.dtype)
+        return (w.to(acc) + sign * self.delta_weight().to(acc)).to(w.dtype)
+
+    @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
         if self.merged:
             return
-        w = self.base_layer.weight
-        new = w + self.delta_weight().to(w.dtype)
+        new = self.merged_weight(+1)
         if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging {self.kind} at layer {self.layer_id} gives non-finite weights; not merged")
-        w.copy_(new)
+            raise ConfigError(
+                f"merge: the delta of {self.kind} at layer {self.layer_id} gives non-finite weights; not merged. "
+                "Fix: look for inf/NaN in the adapter (a diverged run?) before merging"
+            )
+        self.base_layer.weight.copy_(new)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.sub_(self.delta_weight().to(w.dtype))
+        self.base_layer.weight.copy_(self.merged_weight(-1))
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -112,3 +112,38 @@ def randomize_adapter(model, seed: int = 2) -> None:
     for kb in model.msplora_bank.kinds.values():
         kb.A.copy_(torch.randn(kb.A.shape, generator=g) * 0.3)
         kb.B.copy_(torch.randn(kb.B.shape, generator=g) * 0.3)
+
+
+# -- snapshots: "a refusal changes nothing" (STYLE principle 17) -----------------------------
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bytes: bit-identical means equal here, NaN included (NaN != NaN)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def snapshot(model) -> dict:
+    """Everything an operation that refuses must leave as it was: every tensor (state_dict
+    values and all buffers, persistent or not) as raw bytes with dtype and shape,
+    requires_grad flags, module types by name, train/eval flags, merged/disabled flags."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    modules = list(model.named_modules(remove_duplicate=False))
+    return {
+        "tensors": {n: (t.dtype, tuple(t.shape), _bits(t)) for n, t in tensors.items()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+        "module_types": {n: type(m).__name__ for n, m in modules},
+        "training": {n: m.training for n, m in modules},
+        "adapter_flags": {n: (m.merged, m.disabled) for n, m in modules if hasattr(m, "merged")},
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    """Fail naming what changed between two snapshots."""
+    for part in ("module_types", "requires_grad", "training", "adapter_flags"):
+        changed = {k for k in before[part].keys() | after[part].keys() if before[part].get(k) != after[part].get(k)}
+        assert not changed, f"{part} changed: {sorted(changed)[:8]} ({len(changed)} in all)"
+    b, a = before["tensors"], after["tensors"]
+    assert b.keys() == a.keys(), (
+        f"tensors added {sorted(a.keys() - b.keys())[:8]}, removed {sorted(b.keys() - a.keys())[:8]}"
+    )
+    changed = [n for n in b if b[n][:2] != a[n][:2] or not torch.equal(b[n][2], a[n][2])]
+    assert not changed, f"tensors changed: {changed[:8]} ({len(changed)} in all)"
