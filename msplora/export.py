@@ -56,15 +56,14 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def public_model_name(name: str | None) -> str:
+def public_model_name(name: str | None) -> str | None:
     """The base-model name to write into an exported folder: an alias becomes its public hub
     name; a hub name or a user's own folder stays; a folder inside a virtualenv or a cache
-    (where a resolved alias or a download lives) is refused."""
+    (where a resolved alias or a download lives) is refused. No name (a model built from a
+    config) stays None, as in peft: ``PeftModel.from_pretrained(base, folder)`` still loads
+    it, ``AutoPeftModel`` needs ``base_model=``."""
     if not name:
-        raise ConfigError(
-            "base_model: the model has no name_or_path, so the export cannot say which base it adapts. "
-            "Fix: pass base_model='<hub name or folder>'"
-        )
+        return None
     if name.lower() in PUBLIC_NAMES:
         return PUBLIC_NAMES[name.lower()]
     path = Path(name).expanduser()
