@@ -170,20 +170,24 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
     return model
 
 
-def _refuse_save_pretrained(self, *args, **kwargs):
-    raise ConfigError(
-        "save_pretrained: this model carries an MSPLoRA adapter; its state dict holds wrapped keys "
-        "(...base_layer.weight, msplora_bank.*) that a plain from_pretrained would drop and re-initialise. "
-        "Fix: save the adapter with msplora.save_adapter(model, dir) (or export_peft), or save a plain model "
-        "with msplora.merge_and_unload(model).save_pretrained(dir)"
-    )
+class _SavePretrainedRefusal:
+    """Stands in for ``save_pretrained`` on an adapted model. A plain object, not a bound
+    method, so copies and pickles of the model (deepcopy, torch.save, DDP spawn) keep it."""
+
+    def __call__(self, *args, **kwargs):
+        raise ConfigError(
+            "save_pretrained: this model carries an MSPLoRA adapter; its state dict holds wrapped keys "
+            "(...base_layer.weight, msplora_bank.*) that a plain from_pretrained would drop and re-initialise. "
+            "Fix: save the adapter with msplora.save_adapter(model, dir) (or export_peft), or save a plain model "
+            "with msplora.merge_and_unload(model).save_pretrained(dir)"
+        )
 
 
 def _guard_save_pretrained(model: nn.Module) -> None:
     """Shadow ``save_pretrained`` (and so ``push_to_hub``) on this instance with a refusal:
     transformers would write a folder that reloads silently wrong."""
     if callable(getattr(type(model), "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = _refuse_save_pretrained.__get__(model)
+        model.__dict__["save_pretrained"] = _SavePretrainedRefusal()
 
 
 def release_save_guard(model: nn.Module) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import stat
 import struct
 
@@ -215,7 +216,7 @@ def test_save_pretrained_of_an_injected_model_is_refused(tmp_path):
     base = tiny_bert()
     model = injected("bert", base)
     randomize_adapter(model)
-    for m in (model, copy.deepcopy(model)):  # a copy carries the refusal too
+    for m in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # copies carry the refusal too
         with pytest.raises(ConfigError, match="save_pretrained: this model carries an MSPLoRA adapter") as e:
             m.save_pretrained(tmp_path / "trap")
         assert "merge_and_unload" in str(e.value) and "save_adapter" in str(e.value)
