@@ -310,9 +310,9 @@ class MSPLoRAPeftModel(BaseTuner):
                 if not layer.core.merged:
                     w = layer.core.base_layer.weight
                     if not torch.isfinite(w + layer.core.delta_weight().to(w.dtype)).all():
-                        raise ValueError(
-                            f"merging {layer.core.kind} at layer {layer.core.layer_id} gives non-finite weights; "
-                            "nothing merged. Fix: inspect the adapter for inf / NaN"
+                        raise ConfigError(
+                            f"merge: the delta of {layer.core.kind} at layer {layer.core.layer_id} gives non-finite "
+                            "weights; nothing merged. Fix: look for inf/NaN in the adapter before merging"
                         )
         super().merge_and_unload(progressbar=progressbar, safe_merge=False, adapter_names=adapter_names)
         return self._finish_unload()

@@ -319,3 +319,16 @@ def test_export_carries_dropout_and_train_mode_matches_peft_lora(tmp_path):
     b = plora(xs) - plora.base_layer(xs)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert (a.var(0) > 0).all()
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing():
+    pm = peft_model("llama")
+    randomize_adapter(pm.get_base_model())
+    with torch.no_grad():
+        bank_of(pm).kinds["v_proj"].B[0, 0] = float("inf")  # one layer's delta goes non-finite
+    before = snapshot(pm)
+    with pytest.raises(ConfigError, match="non-finite.*Fix"):
+        pm.merge_and_unload(safe_merge=True)
+    after = snapshot(pm)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.merged for m in pm.modules() if isinstance(m, MSPLoRAPeftLayer))
