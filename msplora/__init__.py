@@ -11,10 +11,10 @@ The core (config, pyramid, layers, inject) needs only torch and transformers.
 """
 
 from msplora.config import ConfigError, Level, MSPLoRAConfig
+from msplora.export import export_peft
 from msplora.inject import (
     adapter_parameters,
     disable_adapters,
-    export_peft,
     format_report,
     get_bank,
     inject,

@@ -4,6 +4,7 @@ fit | validate | test | predict   LightningCLI (``--help`` lists every option)
 summary RUN_DIR                   print a run's metrics.json as one JSON line
 analyze RUN [--against LORA_RUN]  singular-value spectra and cross-layer KL plots
 answer --questions Q --model-id N MT-bench answers in FastChat format
+export RUN_DIR --to peft|merged|msplora OUT   a run's best adapter for other tools
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
         from msplora.analysis import main as analyze
 
         return analyze(argv[1:])
+    if cmd == "export":
+        from msplora.export_cli import main as export
+
+        return export(argv[1:])
     if cmd == "answer":
         from msplora.training.instruct import answer_main
 

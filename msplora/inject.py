@@ -197,6 +197,7 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
         raise
+    _guard_save_pretrained(model)
     return model
 
 
@@ -215,6 +216,31 @@ def reset_adapter(model: nn.Module) -> nn.Module:
         layer.rows.copy_(torch.tensor(kb.rows(layer.pos)))
         layer.scale.copy_(torch.tensor(kb.scales()))
     return model
+
+
+class _SavePretrainedRefusal:
+    """Stands in for ``save_pretrained`` on an adapted model. A plain object, not a bound
+    method, so copies and pickles of the model (deepcopy, torch.save, DDP spawn) keep it."""
+
+    def __call__(self, *args, **kwargs):
+        raise ConfigError(
+            "save_pretrained: this model carries an MSPLoRA adapter; its state dict holds wrapped keys "
+            "(...base_layer.weight, msplora_bank.*) that a plain from_pretrained would drop and re-initialise. "
+            "Fix: save the adapter with msplora.save_adapter(model, dir) (or export_peft), or save a plain model "
+            "with msplora.merge_and_unload(model).save_pretrained(dir)"
+        )
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """Shadow ``save_pretrained`` (and so ``push_to_hub``) on this instance with a refusal:
+    transformers would write a folder that reloads silently wrong."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _SavePretrainedRefusal()
+
+
+def release_save_guard(model: nn.Module) -> None:
+    """Give a model whose adapter is gone its own ``save_pretrained`` back."""
+    model.__dict__.pop("save_pretrained", None)
 
 
 def _modules_to_save(model: nn.Module, config: MSPLoRAConfig) -> list[tuple[str, nn.Module]]:
@@ -325,6 +351,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     for name, layer in list(wrapped_layers(model)):
         _set_module(model, name, layer.base_layer)
     delattr(model, PREFIX)
+    release_save_guard(model)
     return model
 
 
@@ -550,45 +577,3 @@ def _copy_in(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for name, mod in _modules_to_save(model, bank.config):
         for pname, p in mod.named_parameters():
             p.data.copy_(state[f"modules_to_save.{name}.{pname}"])
-
-
-# -- peft export ----------------------------------------------------------------------------
-@torch.no_grad()
-def export_peft(model: nn.Module, path: str | Path) -> Path:
-    """Write a ``peft`` LoRA adapter equal to this pyramid: per layer, rank = sum of level
-    ranks, A = concatenated level rows, B = concatenated columns with s_k folded in, and
-    ``lora_alpha = r`` so peft's own scaling is 1."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    bank = get_bank(model)
-    cfg = bank.config
-    r = cfg.total_rank
-    layers = list(wrapped_layers(model))
-    lora = LoraConfig(
-        r=r,
-        lora_alpha=r,
-        target_modules=cfg.targets if isinstance(cfg.targets, str) else sorted(cfg.targets),
-        lora_dropout=cfg.dropout,
-        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
-        modules_to_save=list(cfg.modules_to_save) or None,
-        bias="none",
-        base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None),
-    )
-    state = {}
-    for name, layer in layers:
-        kb = layer.bank
-        a = kb.A.index_select(0, layer.rows)  # (R, d_in)
-        b = kb.B.index_select(1, layer.rows) * layer.scale  # (d_out, R), s_k folded in
-        state[f"base_model.model.{name}.lora_A.weight"] = a.float().cpu().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = b.float().cpu().contiguous()
-    for name, mod in _modules_to_save(model, cfg):
-        for pname, p in mod.named_parameters():
-            state[f"base_model.model.{name}.{pname}"] = p.detach().cpu().contiguous()
-
-    def write(d: Path) -> None:
-        lora.save_pretrained(str(d))
-        save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-    _atomic_dir(Path(path), write)
-    return Path(path)
