@@ -26,29 +26,80 @@ def minilm_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A 4-layer, hidden-32 random BERT with MiniLM's real tokenizer, as a local folder."""
+def save_tiny_bert(out: Path, **config) -> Path:
+    """A 4-layer, hidden-32 random BERT with MiniLM's real tokenizer, saved to ``out``;
+    ``config`` overrides BertConfig fields (e.g. dropout probabilities)."""
     from transformers import BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny_bert")
     src = minilm_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=512,
+        **{
+            "vocab_size": 30522,
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 512,
+            **config,
+        }
     )
     import torch
 
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 4-layer, hidden-32 random BERT with MiniLM's real tokenizer, as a local folder."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+# Each a single WordPiece token for MiniLM's (BERT uncased) tokenizer, so a sentence of k words is
+# always k + 2 tokens: batches of equal-length rows have no padding whatever their size.
+WORDS = (
+    "good bad great awful fine poor film movie plot actor scene story music script fun dull cast ending role funny"
+).split()
+
+
+def write_glue_task(root: Path, task: str, n_train: int = 64, n_dev: int = 32, words: int = 6, seed: int = 0) -> Path:
+    """Write a small synthetic ``task`` in the original GLUE layout, ``<root>/<GLUE folder>/{train,dev}.tsv``,
+    with the task's own column names (CoLA headerless, MRPC's ``#1 String``, STS-B's ``score``, string
+    labels for QNLI/RTE) so it is read by the same path as the real files. Every text field is
+    ``words`` words of :data:`WORDS`; labels cycle through the classes (or 0..5 for STS-B). Returns ``root``."""
+    import random
+
+    from msplora.training.data import get_task
+
+    spec = get_task(task)
+    if spec.glue_folder is None or len(spec.eval_splits) != 1:
+        raise ValueError(f"write_glue_task: {task} is not a one-dev-split GLUE task")
+    rng = random.Random(seed)
+    original = {new: old for old, new in spec.tsv_columns.items()}  # our name -> the file's
+    folder = root / spec.glue_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = []
+        for i in range(n):
+            text = {f: " ".join(rng.choice(WORDS) for _ in range(words)) for f in spec.text_fields}
+            if spec.is_regression:
+                label = f"{i % 6:.3f}"
+            elif spec.label_names[0] == "entailment":  # QNLI, RTE files spell their labels out
+                label = spec.label_names[i % 2]
+            else:
+                label = str(i % spec.num_labels)
+            rows.append({"index": str(i), **text, "label": label})
+        if spec.tsv_header:  # headerless (CoLA): source, label, original label (blank), sentence
+            lines = ["\t".join({"source": "syn", "original_label": "", **r}[c] for c in spec.tsv_header) for r in rows]
+        else:
+            cols = ["index", *spec.text_fields, "label"]
+            lines = ["\t".join(original.get(c, c) for c in cols)] + ["\t".join(r[c] for c in cols) for r in rows]
+        (folder / f"{split}.tsv").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return root
 
 
 @pytest.fixture(scope="session")

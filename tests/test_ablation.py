@@ -141,6 +141,13 @@ def test_task_that_disagrees_with_the_config_is_refused(tmp_path, tiny_bert_dir)
 
 
 # -- the runner's bookkeeping, with a fake fit (fast) -------------------------------------------------
+class _InterruptOnFloat:
+    """Not JSON: the writer's ``default=float`` converts it, and that raises, after the fields before it are written."""
+
+    def __float__(self):
+        raise KeyboardInterrupt
+
+
 @pytest.fixture
 def fake_fit(monkeypatch):
     calls: list[tuple[float, int]] = []
@@ -152,6 +159,8 @@ def fake_fit(monkeypatch):
         if (lr, seed) == fail_at.get("at"):
             raise KeyboardInterrupt
         calls.append((lr, seed))
+        # interrupted while its seed file is being written: the last field's float() raises mid-dump
+        wall = _InterruptOnFloat() if (lr, seed) == fail_at.get("write_at") else 1.0
         return {
             "task": "sentiment",
             "metric": "accuracy",
@@ -162,7 +171,7 @@ def fake_fit(monkeypatch):
             "levels": "G8 M4x3 L2",
             "adapter_params": 100,
             "lora_r8_adapter_params": 150,
-            "wall_time_s": 1.0,
+            "wall_time_s": wall,
         }
 
     monkeypatch.setattr(ablation, "fit_and_test", fit_and_test)
@@ -274,8 +283,16 @@ def test_an_interrupted_seed_leaves_no_file_and_is_rerun(tmp_path, tiny_bert_dir
     with pytest.raises(KeyboardInterrupt):
         ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)
     out = tmp_path / "sentiment" / "full"
-    assert sorted(p.name for p in out.glob("seed*.json")) == ["seed0.json", "seed1.json"]
-    assert not list(out.rglob("*.tmp"))
+    # every file there, hidden ones included (pathlib's "*" matches dot-files): nothing but the finished runs
+    finished = ["lr_sweep/lr0.001.json", "lr_sweep/lr0.002.json", "seed0.json", "seed1.json"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == finished
+    # interrupted while seed2.json is being written: no seed file, no half-written temp file beside it
+    fail_at.clear()
+    fail_at["write_at"] = (2e-3, 2)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)
+    assert calls[-1] == (2e-3, 2)  # the fit did finish; only the write was cut
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == finished
     calls.clear()
     fail_at.clear()
     ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)

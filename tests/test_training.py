@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import msplora
 from msplora.training.cli import cli_main
-from tests.conftest import REPO, run_ddp_script
+from tests.conftest import REPO, run_ddp_script, write_glue_task
 
 CONFIGS = REPO / "configs"
 # Causal-LM configs (InstructionDataModule) are smoke-run on a tiny LLaMA in test_instruct_fit.py.
@@ -44,16 +45,25 @@ def metrics_of(run: Path) -> dict:
 
 
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_and_smoke_runs(config, tmp_path, tiny_bert_dir, glue_dir):
+def test_every_config_parses_and_smoke_runs(config, tmp_path, tiny_bert_dir):
+    """Every shipped config, composed on base.yaml, fits 2 steps of its own task and trains."""
     cli = cli_main(fit_args(tmp_path, tiny_bert_dir, config=config), run=False)
-    data = cli.datamodule
+    spec = cli.datamodule.spec
     extra = []
-    if data.spec.glue_folder:  # GPU users read the Hub; here the local GLUE files
-        if not (glue_dir / data.spec.glue_folder / "train.tsv").exists():
-            pytest.skip(f"no train file for {data.spec.name} in {glue_dir}")
-        extra.append(f"--data.init_args.data_dir={glue_dir}")
-    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.fast_dev_run=2", *extra, config=config)])
-    assert cli.model.hparams.pyramid["levels"][0]["rank"] >= 1
+    if spec.glue_folder:  # GPU users read the Hub; here a small synthetic copy in the original GLUE layout
+        extra.append(f"--data.init_args.data_dir={write_glue_task(tmp_path / 'glue', spec.name)}")
+    fit = cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.fast_dev_run=2", *extra, config=config)])
+    own = yaml.safe_load(config.read_text())
+    assert fit.datamodule.hparams.task == own["data"]["init_args"]["task"] and fit.datamodule.spec is spec
+    assert fit.model.hparams.lr == own["model"]["lr"]
+    assert [vars(lv) for lv in fit.model.pyramid.levels] == [vars(lv) for lv in cli.model.pyramid.levels]
+    # it fitted: 2 optimizer steps on a head sized for the task, B moved off its zero init, and
+    # the task's selection metric was computed on validation
+    assert fit.trainer.state.finished and fit.trainer.global_step == 2
+    assert fit.model.model.num_labels == spec.num_labels
+    assert all(kb.B.abs().sum() > 0 for kb in msplora.get_bank(fit.model.model).kinds.values())
+    monitor, _ = fit.model.monitor
+    assert monitor.endswith(spec.metric) and torch.isfinite(fit.trainer.callback_metrics[monitor])
 
 
 def test_cli_called_from_python_does_not_warn_about_the_callers_argv(tmp_path, tiny_bert_dir, recwarn):
@@ -103,22 +113,24 @@ def test_resume_from_checkpoint(tmp_path, tiny_bert_dir):
     assert cli.trainer.current_epoch == 2
 
 
-def test_validate_and_test_write_metrics(tmp_path, tiny_bert_dir):
+def test_test_stage_loads_the_best_checkpoint_and_writes_metrics(tmp_path, tiny_bert_dir):
     cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--data.init_args.val_fraction=0.2")])
     run = next(tmp_path.rglob("metrics.json")).parent
-    cli_main(
-        [
-            "test",
-            *fit_args(
-                tmp_path,
-                tiny_bert_dir,
-                "--data.init_args.val_fraction=0.2",
-                f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
-            ),
-        ]
+    best_path = run / "checkpoints" / "best.ckpt"
+    best = torch.load(best_path, weights_only=False)["state_dict"]
+    # B starts at zero: the checkpoint's trained B tells a loaded model from a fresh one
+    assert best and all(best[k].abs().sum() > 0 for k in best if k.endswith(".B"))
+    tested = cli_main(
+        ["test", *fit_args(tmp_path, tiny_bert_dir, "--data.init_args.val_fraction=0.2", f"--ckpt_path={best_path}")]
     )
-    tested = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
-    assert any("test/accuracy" in m.get("final", {}) for m in tested)
+    # the weights the test ran with are best.ckpt's: adapter and head, every tensor
+    state = tested.model.state_dict()
+    assert set(best) <= set(state)
+    for key, value in best.items():
+        assert torch.equal(state[key], value), key
+    tested_metrics = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    final = next(m["final"] for m in tested_metrics if "test/accuracy" in m.get("final", {}))
+    assert final["test/accuracy"] == pytest.approx(float(tested.trainer.callback_metrics["test/accuracy"]))
 
 
 def test_bad_config_fails_with_clear_message(tmp_path, tiny_bert_dir):
