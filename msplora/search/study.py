@@ -88,14 +88,14 @@ def open_storage(storage: str | None, heartbeat: int | None = None, grace: int |
         # timeout: a worker waits for another's write instead of failing at once.
         # isolation_level=None: pysqlite emits no BEGIN of its own; _begin_immediate does.
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60, "isolation_level": None}}
-    if heartbeat:
-        kwargs.update(
-            heartbeat_interval=heartbeat,
-            grace_period=grace or 3 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if heartbeat:
+            kwargs.update(
+                heartbeat_interval=heartbeat,
+                grace_period=grace or 3 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
         try:
             rdb = optuna.storages.RDBStorage(url, **kwargs)
         except Exception as e:  # bad URL, server down, missing driver
@@ -127,9 +127,9 @@ def _begin_immediate(engine) -> None:
 
 
 def has_heartbeat(storage) -> bool:
-    import optuna
-
-    return optuna.storages.is_heartbeat_enabled(storage)
+    """RDBStorage built with a heartbeat interval (Optuna 5.0's journal storage has none)."""
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return get is not None and get() is not None
 
 
 def build_sampler(sp: Space, seed: int | None = None):
