@@ -270,7 +270,7 @@ def _pg_url() -> str:
     return url
 
 
-SEEDED = [{"n_levels": 3, "r0": 8, "decay": 0.5, "mid_groups_3": 3}, {"n_levels": 1, "r0": 4}]
+SEEDED = [{"n_levels": 3, "r0": 8, "decay": 0.5, "mid_groups_3": "3"}, {"n_levels": 1, "r0": 4}]
 
 
 @pytest.mark.slow
@@ -437,6 +437,13 @@ def test_unsampleable_space_is_refused_before_any_trial(tmp_path, change, proble
     assert proc.returncode == 2 and problem in _one_error_line(proc.stderr)
     assert not storage.exists() and not (tmp_path / "out").exists()  # refused before the study existed
     assert time.time() - t0 < 60  # (was: minutes of failing trials until killed)
+
+
+def test_seeded_point_outside_the_space_is_refused(tmp_path):
+    space = _space(tmp_path, enqueue=[{"n_levels": 3, "mid_groups_3": 3}])  # choices are strings: "3"
+    proc = _run(tmp_path, str(tmp_path / "study.log"), "--trials", "1", "--space", str(space))
+    assert proc.returncode == 2 and "enqueue[0]" in _one_error_line(proc.stderr)
+    assert not (tmp_path / "study.log").exists()
 
 
 def test_space_no_level_count_fits_the_model_is_refused(tmp_path):

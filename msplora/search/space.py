@@ -297,8 +297,11 @@ def check_sampleable(sp: Space, n_layers: int, draws: int = 32) -> None:
     from msplora.config import MSPLoRAConfig
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for _ in range(draws):
+    for params in sp.enqueue:  # seeded points first, as the real study takes them
+        study.enqueue_trial(params)
+    for i in range(len(sp.enqueue) + draws):
         trial = study.ask()
+        where = f"enqueue[{i}] {sp.enqueue[i]}" if i < len(sp.enqueue) else "a sampled pyramid"
         try:
             levels, lr = sample_levels(trial, sp.space, n_layers)
             MSPLoRAConfig(levels=levels)
@@ -306,8 +309,8 @@ def check_sampleable(sp: Space, n_layers: int, draws: int = 32) -> None:
             raise
         except (ConfigError, ValueError, TypeError) as e:
             raise SearchError(
-                f"space {sp.name}: a sampled pyramid is refused ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                "Fix: narrow the space file's choices"
+                f"space {sp.name}: {where} is refused ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                "Fix: give values from the space's choices (mid groupings are strings: '3', '2-4')"
             ) from None
         study.tell(trial, 0.0)
 
