@@ -226,10 +226,10 @@ study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
 taken = []
 while True:
     trial = study.ask()  # takes a queued trial, or makes a new one when the queue is empty
-    if "x" not in trial.params:
+    if "queued" not in trial.user_attrs:  # a new trial: the queue is empty
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         break
-    taken.append(trial.number)
+    taken.append(trial.user_attrs["queued"])
     study.tell(trial, 0.0)
 json.dump(taken, open(sys.argv[2], "w"))
 """
@@ -243,7 +243,7 @@ def test_four_processes_asking_one_sqlite_queue_never_take_a_trial_twice(tmp_pat
     db = str(tmp_path / "q.db")
     study = optuna.create_study(study_name="s", storage=open_storage(db))
     for i in range(80):
-        study.enqueue_trial({"x": i})
+        study.enqueue_trial({"x": i}, user_attrs={"queued": i})
     script = tmp_path / "ask.py"
     script.write_text(ASK_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -102,9 +102,10 @@ def cmd_worker(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
+    fit_fn = _import(a.fit_fn) if a.fit_fn else fit_trial
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial of our own; tracebacks to files
     try:
-        brake = work(study, ctx, n_trials, _import(a.fit_fn) if a.fit_fn else fit_trial)
+        brake = work(study, ctx, n_trials, fit_fn)
     except KeyboardInterrupt:
         return 130
     return EXIT_FAILING if brake.tripped else 0
