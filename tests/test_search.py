@@ -22,6 +22,7 @@ from msplora.search import (
     SearchError,
     TrialContext,
     adapter_params,
+    counts,
     create_study,
     load_space,
     make_objective,
@@ -531,6 +532,25 @@ def test_importances_rank_what_makes_the_objective_best(direction, multi):
     imp = param_importances(study)
     # margin: a 2x gap; with 300 trials the wrong reading gives `bad` the larger share
     assert imp["good"] > 2 * imp["bad"], imp
+
+
+def test_trial_past_the_nth_is_closed_untrained_as_surplus(tmp_path):
+    """Two slots, both taken by RUNNING trials (another worker's): a third trial, as a worker
+    that asked at the same moment would get, is closed as surplus without a fit and stops it."""
+    sp = load_space(SPACE)
+    info = ModelInfo(6, {"query": (384, 384), "value": (384, 384)})
+    study = optuna.create_study(directions=sp.directions, sampler=optuna.samplers.RandomSampler(seed=0))
+    others = [study.ask(), study.ask()]
+    called = []
+    objective = make_objective(
+        TrialContext(sp, info, [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k), n_trials=2
+    )
+    study.optimize(objective, n_trials=5, catch=(Exception,))  # stops after the first (surplus) trial
+    (third,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert third.number == 2 and third.user_attrs["surplus"] and not called and len(study.trials) == 3
+    for t in others:
+        study.tell(t, [0.5, 1.0])
+    assert counts(study) == {"COMPLETE": 2, "SURPLUS": 1}
 
 
 def test_budget_makes_big_pyramids_infeasible_without_training(tmp_path):
