@@ -395,8 +395,8 @@ def _assert_exact_after_kill(study, n: int, killed: int) -> None:
 
 @pytest.mark.slow
 def test_killed_run_trial_goes_stale_and_is_retried_on_rerun_sqlite(tmp_path):
-    """The whole run (supervisor and worker) is SIGKILLed: nobody saw the worker die. On the
-    rerun, Optuna's heartbeat finds the trial stale, fails it and re-queues it once."""
+    """The whole run (supervisor and worker) is SIGKILLed: nobody saw the worker die. The rerun
+    fails the orphaned trial and re-queues it once."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = (
         *("--trials", "5", "--workers", "1", "--space", str(_space(tmp_path))),
@@ -408,7 +408,8 @@ def test_killed_run_trial_goes_stale_and_is_retried_on_rerun_sqlite(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     os.killpg(running.user_attrs["worker_pid"], signal.SIGKILL)
     proc.wait(timeout=30)
-    # a different host name would hide the dead pid from the reaper: the heartbeat alone must do it
+    # The rerun finds the trial by its dead pid (same host) or by its stale heartbeat, whichever
+    # looks first; either way it must be failed and re-queued exactly once.
     rerun = _run(tmp_path, storage, *args, env={"FAKE_FIT_SLEEP": "0.2"})
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     study = _open(storage)
