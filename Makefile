@@ -72,7 +72,7 @@ WORKERS ?= 2
 STORAGE ?=
 STUDY ?=
 .PHONY: search search-report
-search: install ## Optuna search of rank decay / grouping: make search TRIALS=20 WORKERS=2 [STORAGE=url STUDY=name]
+search: install ## Optuna search of rank decay / grouping: make search TRIALS=20 WORKERS=2 [STORAGE=file.log|file.db|url STUDY=name]
 	$(if $(ARGS),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) $(PY) -m msplora.search run --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY)) -- $(ARGS)
 
 search-report: install ## best trials, Pareto front, plots and the best config as an overlay

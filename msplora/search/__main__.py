@@ -1,0 +1,5 @@
+import sys
+
+from msplora.search.cli import main
+
+sys.exit(main())
