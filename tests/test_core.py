@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md section 3, driven by one table: model x variant."""
+"""The invariants of docs/design.md section 3, driven by one table: model x variant."""
 
 from __future__ import annotations
 
