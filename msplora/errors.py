@@ -199,8 +199,15 @@ def explain_parse_error(
 
 
 def _unknown_option(key: str, valid_keys: Callable[[str], Iterable[str]] | None, help_fix: str) -> str:
-    parent, _, leaf = key.rpartition(".")
-    choices = sorted(valid_keys(parent)) if valid_keys else []
+    # The first component that is not valid decides the choices: --modle.lr lists the top level.
+    parent, choices, leaf = "", [], key
+    if valid_keys is not None:
+        for part in key.split("."):
+            choices = sorted(valid_keys(parent))
+            if part not in choices:
+                leaf = part
+                break
+            parent = f"{parent}.{part}" if parent else part
     return f"--{key}: unknown option. Fix: {_choose(leaf, choices, help_fix, prefix=parent)}"
 
 
@@ -282,10 +289,13 @@ def run_command(command: str, fn: Callable[[list[str]], object], argv: Sequence[
     try:
         result = fn(strip_debug(argv))
     except SystemExit as e:
-        # `raise SystemExit("message")` (older entry points, AblationError): a message for the user.
-        if not isinstance(e.code, str) or debug:
+        # `raise SystemExit("message")` (older entry points) and AblationError (a SystemExit with
+        # code 2 and its message in args): a message for the user. An int alone (argparse's
+        # --help, or a message already printed) passes through.
+        text = e.code if isinstance(e.code, str) else e.args[0] if e.args and isinstance(e.args[0], str) else None
+        if text is None or debug:
             raise
-        text = re.sub(r"^msplora[ .]\w+:\s*(error:\s*)?", "", e.code.strip())
+        text = re.sub(r"^msplora[ .]\w+:\s*(error:\s*)?", "", text.strip())
         _fail(command, _with_fix(text, f"see `msplora {command} --help`"))
     except Exception as e:
         message = None if debug else user_message(e, command)

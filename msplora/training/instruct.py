@@ -1003,15 +1003,23 @@ def answer_main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out or Path("results") / "mt_bench" / "model_answer" / f"{args.model_id}.jsonl").expanduser()
     if not hasattr(torch, args.dtype) or not isinstance(getattr(torch, args.dtype), torch.dtype):
         parser.error(f"--dtype {args.dtype!r} is not a torch dtype. Fix: float32, bfloat16 or float16")
+    # A user error is raised as one line, exit 2 (msplora.errors).
     try:
         n_questions = len(load_mt_bench_questions(questions)[: args.limit])
-        if args.adapter is not None:
-            from msplora.inject import ADAPTER_WEIGHTS, read_adapter_config
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"{e}" if "Fix:" in str(e) else f"{e}. Fix: correct that record") from None
+    if args.adapter is not None:
+        from msplora.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 
-            read_adapter_config(Path(args.adapter).expanduser())
-            check_safetensors_file(Path(args.adapter).expanduser() / ADAPTER_WEIGHTS)
-    except (ValueError, FileNotFoundError) as e:  # one line, exit 2 (msplora.errors)
-        raise UserError(f"{e}" if "Fix:" in str(e) else f"{e}. Fix: correct the file, or pass another") from None
+        adapter = Path(args.adapter).expanduser()
+        try:
+            read_adapter_config(adapter)
+        except (ValueError, FileNotFoundError) as e:  # e.g. JSON cut short: name the file
+            text = " ".join(str(e).split())
+            where = "" if str(adapter) in text else f"--adapter {adapter / ADAPTER_CONFIG}: "
+            fix = "" if "Fix:" in text else ". Fix: save the adapter again (msplora.save_adapter)"
+            raise UserError(f"{where}{text}{fix}") from None
+        check_safetensors_file(adapter / ADAPTER_WEIGHTS)
 
     from msplora.hf import load_causal_lm, load_tokenizer
 
