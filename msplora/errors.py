@@ -192,7 +192,9 @@ def explain_parse_error(
         return _unknown_option(first.lstrip("-").split("=", 1)[0], valid_keys, help_fix)
     m = _EXPECTED.search(innermost)
     if m:
-        return f"--{key}: {m.group(2)!r} is not a {m.group(1)}. Fix: give --{key} a {m.group(1)} value"
+        kind = m.group(1)
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"--{key}: {m.group(2)!r} is not {article} {kind}. Fix: give --{key} {article} {kind} value"
     # Anything else: the innermost message, which is the most specific, on one line.
     where = f"--{key}: " if key else ""
     return _with_fix(f"{where}{innermost}", help_fix)

@@ -176,7 +176,7 @@ CASES = [
     # -- every pyramid field, through the CLI: the library's ConfigError is the line
     Case("rank_0", levels("[{share: layer, rank: 0}]"), "levels[0].rank: rank 0 < 1", "use a rank >= 1"),
     Case("rank_negative", levels("[{share: layer, rank: -1}]"), "levels[0].rank: rank -1 < 1"),
-    Case("rank_not_int", levels("[{share: layer, rank: two}]"), "model.pyramid.levels.rank: 'two' is not a int"),
+    Case("rank_not_int", levels("[{share: layer, rank: two}]"), "model.pyramid.levels.rank: 'two' is not an int"),
     Case("alpha_0", levels("[{share: layer, rank: 2, alpha: 0}]"), "levels[0].alpha: alpha 0.0 <= 0"),
     Case("alpha_negative", levels("[{share: layer, rank: 2, alpha: -4}]"), "levels[0].alpha"),
     Case("share_banana", levels("[{share: banana, rank: 2}]"), "unknown scheme 'banana'", "global, group, layer"),
@@ -395,9 +395,7 @@ def test_summary_succeeds_with_exit_0(tmp_path, capsys):
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("MSPLORA_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.mark.slow
