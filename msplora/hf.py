@@ -46,6 +46,7 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "resolve_model",
+    "resolve_reachable_model",
 ]
 
 # Marker written last into a finished cache folder; records where the weights came from.
@@ -170,13 +171,13 @@ def _gguf_file(name_or_path: str, gguf_file: str | None) -> Path | None:
 _HUB_ID = re.compile(r"^[\w.-]{1,96}(/[\w.-]{1,96})?$")
 
 
-def check_model_name(name_or_path: str, gguf_file: str | None = None) -> None:
+def check_model_name(name_or_path: str, gguf_file: str | None = None, offline_check: bool = True) -> None:
     """Refuse, with the fix, a model that can be neither a folder, an alias nor a Hub name.
 
     A name shaped like a path (``/x``, ``./x``, ``~/x``, ``a/b/c``) that is no folder, and a
     Hub-shaped name that is neither a folder nor in the local Hub cache while offline
     (``HF_HUB_OFFLINE=1``), would otherwise reach transformers, which answers "Repo id must
-    be in the form ..." or a connection error.
+    be in the form ..." or a connection error. ``offline_check=False`` checks paths only.
     """
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -196,7 +197,7 @@ def check_model_name(name_or_path: str, gguf_file: str | None = None) -> None:
             f"model {name_or_path!r}: no such folder (and not a Hub name). "
             f"Fix: {hint}pass an existing model folder, an alias ({aliases}) or a Hub name such as org/model"
         )
-    if constants.is_offline_mode() and gguf_file is None:
+    if offline_check and constants.is_offline_mode() and gguf_file is None:
         cached = try_to_load_from_cache(name_or_path, "config.json")
         if not isinstance(cached, str):  # None: never downloaded; a sentinel: known to be absent
             raise ModelPathError(
@@ -206,20 +207,21 @@ def check_model_name(name_or_path: str, gguf_file: str | None = None) -> None:
             )
 
 
-def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
+def resolve_model(name_or_path: str, gguf_file: str | None = None, offline_check: bool = False) -> str:
     """Turn an alias (`smollm2`, `minilm`) or a local GGUF into a loadable HF folder path.
 
     * `smollm2` / a local `gguf_file`: the dequantised cache folder, built on first use.
     * `minilm`: the folder inside the installed wheel.
     * anything else (hub name, local folder): returned unchanged, once :func:`check_model_name`
-      has refused a path that does not exist or a Hub name that cannot be reached offline.
+      has refused a path that does not exist (and, with ``offline_check``, a Hub name that
+      cannot be reached offline).
     """
     alias = MODEL_ALIASES.get(name_or_path.lower())
     if alias is not None and not alias.gguf:
         return str(alias.locate())
     gguf = _gguf_file(name_or_path, gguf_file)
     if gguf is None:
-        check_model_name(name_or_path, gguf_file)
+        check_model_name(name_or_path, gguf_file, offline_check)
         return name_or_path
     final = gguf_cache_dir(gguf)
     return str(_build_atomically(final, lambda tmp: _dequantise_gguf_to(gguf, tmp)))
@@ -243,6 +245,12 @@ def load_causal_lm(
     if gguf_file is not None and path == name_or_path:  # hub GGUF: transformers converts it
         kwargs["gguf_file"] = gguf_file
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def resolve_reachable_model(name_or_path: str) -> str:
+    """:func:`resolve_model` that also refuses a Hub name the offline Hub cache does not hold
+    (for the command line, which should fail before a run folder exists)."""
+    return resolve_model(name_or_path, offline_check=True)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
