@@ -199,6 +199,8 @@ CASES = [
     Case("decay_2", fit("--model.pyramid.r0=8", "--model.pyramid.decay=2"), "decay: 2.0 is outside (0, 1]"),
     Case("decay_without_r0", fit("--model.pyramid.decay=0.5"), "decay given without r0"),
     Case("pyramid_typo_key", fit("--model.pyramid.rnak=3"), "--model.pyramid.rnak: unknown key", "levels, ranks, r0"),
+    Case("targets_match_nothing", fit("--model.pyramid.targets=[q_proj]"), "['q_proj'] matches no module", "query"),
+    Case("groups_exceed_layers", levels("[{share: group, rank: 2, groups: 9}]"), "9 groups for 4 adapted layers"),
     Case("level_typo_key", levels("[{share: layer, rnak: 3}]"), "levels.rnak: unknown key", "share, rank, alpha"),
     # -- data
     Case("unknown_task", fit(task="sst3"), "unknown task 'sst3'", "cola, sst2"),

@@ -96,6 +96,23 @@ class MSPLoRAModule(L.LightningModule):
         if self.hparams.num_labels is None and self.spec is not None:
             self.hparams.num_labels = self.spec.num_labels
 
+    def prepare_data(self) -> None:
+        # Lightning calls this before it creates the run folder: check that the pyramid fits the
+        # model (targets, groups vs layers) on a weightless copy, so a refusal writes nothing.
+        if self.pyramid is None or self.model is not None:
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from msplora.inject import target_layout
+
+        self._resolve_problem()
+        hp = self.hparams
+        config = AutoConfig.from_pretrained(resolve_model(hp.model), num_labels=hp.num_labels or 2)
+        auto = AutoModelForCausalLM if hp.problem == "causal_lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):  # shapes and names only: no memory, no weights read
+            model = auto.from_config(config)
+        target_layout(model, self.pyramid)
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
