@@ -39,6 +39,7 @@ from msplora.errors import ModelPathError, UserError
 
 __all__ = [
     "MODEL_ALIASES",
+    "check_model_name",
     "MissingModelPackageError",
     "ModelPathError",
     "cache_root",
@@ -46,7 +47,6 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "resolve_model",
-    "resolve_reachable_model",
 ]
 
 # Marker written last into a finished cache folder; records where the weights came from.
@@ -245,12 +245,6 @@ def load_causal_lm(
     if gguf_file is not None and path == name_or_path:  # hub GGUF: transformers converts it
         kwargs["gguf_file"] = gguf_file
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-
-
-def resolve_reachable_model(name_or_path: str) -> str:
-    """:func:`resolve_model` that also refuses a Hub name the offline Hub cache does not hold
-    (for the command line, which should fail before a run folder exists)."""
-    return resolve_model(name_or_path, offline_check=True)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:

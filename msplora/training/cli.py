@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from msplora.errors import UsageError, explain_parse_error
-from msplora.hf import resolve_reachable_model
+from msplora.hf import resolve_model
 from msplora.io import CKPT_PATH_KEYWORDS, check_checkpoint_file
 from msplora.training.module import MSPLoRAModule
 
@@ -24,8 +24,8 @@ from msplora.training.module import MSPLoRAModule
 class MSPLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The tokenizer always comes from the model being tuned. Resolving it here, at parse time,
-        # also refuses a model that does not exist before anything is written.
-        parser.link_arguments("model.model", "data.init_args.tokenizer", compute_fn=resolve_reachable_model)
+        # also refuses a model path that does not exist (Hub names: in prepare_data).
+        parser.link_arguments("model.model", "data.init_args.tokenizer", compute_fn=resolve_model)
 
     def parse_arguments(self, parser, args) -> None:
         # With exit_on_error=False (cli_main) jsonargparse raises instead of printing a dump of

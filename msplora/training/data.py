@@ -32,6 +32,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from msplora.hf import check_model_name
+
 __all__ = ["TASKS", "DataError", "GLUEDataModule", "TaskSpec", "get_task", "holdout_split", "load_task"]
 
 HUB_NAME = "nyu-mll/glue"
@@ -552,6 +554,7 @@ class GLUEDataModule(L.LightningDataModule):
         if self.spec.name not in _BUILTINS:
             self._prepared = load_task(self.spec.name, self.hparams.data_dir)
         if self.tokenizer is None and self.tokenizer_name is not None:
+            check_model_name(self.tokenizer_name)  # a Hub name offline must be in the Hub cache
             AutoTokenizer.from_pretrained(self.tokenizer_name)
 
     def setup(self, stage: str | None = None) -> None:

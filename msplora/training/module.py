@@ -21,7 +21,7 @@ from torch import nn
 
 import msplora
 from msplora.config import MSPLoRAConfig
-from msplora.hf import resolve_model
+from msplora.hf import check_model_name, resolve_model
 
 # Linear maps targeted by default, per architecture family (DESIGN.md: q/v in the paper).
 DEFAULT_TARGETS = (["query", "value"], ["q_proj", "v_proj"], ["c_attn"])
@@ -99,7 +99,10 @@ class MSPLoRAModule(L.LightningModule):
     def prepare_data(self) -> None:
         # Lightning calls this before it creates the run folder: check that the pyramid fits the
         # model (targets, groups vs layers) on a weightless copy, so a refusal writes nothing.
-        if self.pyramid is None or self.model is not None:
+        if self.model is not None:
+            return
+        check_model_name(self.hparams.model)  # a Hub name offline must be in the Hub cache
+        if self.pyramid is None:
             return
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
