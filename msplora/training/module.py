@@ -21,7 +21,7 @@ from torch import nn
 
 import msplora
 from msplora.config import MSPLoRAConfig
-from msplora.hf import resolve_model
+from msplora.hf import check_model_name, resolve_model
 
 # Linear maps targeted by default, per architecture family (DESIGN.md: q/v in the paper).
 DEFAULT_TARGETS = (["query", "value"], ["q_proj", "v_proj"], ["c_attn"])
@@ -95,6 +95,26 @@ class MSPLoRAModule(L.LightningModule):
                 self.hparams.problem = "regression" if self.spec.is_regression else "classification"
         if self.hparams.num_labels is None and self.spec is not None:
             self.hparams.num_labels = self.spec.num_labels
+
+    def prepare_data(self) -> None:
+        # Lightning calls this before it creates the run folder: check that the pyramid fits the
+        # model (targets, groups vs layers) on a weightless copy, so a refusal writes nothing.
+        if self.model is not None:
+            return
+        check_model_name(self.hparams.model)  # a Hub name offline must be in the Hub cache
+        if self.pyramid is None:
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from msplora.inject import target_layout
+
+        self._resolve_problem()
+        hp = self.hparams
+        config = AutoConfig.from_pretrained(resolve_model(hp.model), num_labels=hp.num_labels or 2)
+        auto = AutoModelForCausalLM if hp.problem == "causal_lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):  # shapes and names only: no memory, no weights read
+            model = auto.from_config(config)
+        target_layout(model, self.pyramid)
 
     def configure_model(self) -> None:
         if self.model is not None:

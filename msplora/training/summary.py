@@ -7,26 +7,35 @@ import json
 import sys
 from pathlib import Path
 
+from msplora.errors import ArgumentParser, UserError
+
 
 def find_metrics(run: str | Path) -> Path:
     run = Path(run)
     if run.is_file():
         return run
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run directory or file. Fix: pass trainer.default_root_dir of a finished fit")
     found = sorted(run.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit(
-            f"msplora summary: no metrics.json under {run}. Fix: pass the run's directory "
-            "(trainer.default_root_dir of a finished fit)"
+        raise UserError(
+            f"no metrics.json under {run}. Fix: pass the run's directory (trainer.default_root_dir of a finished fit)"
         )
     return found[-1]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: msplora summary RUN_DIR")
-    path = find_metrics(argv[0])
-    m = json.loads(path.read_text())
+    """Print the summary; returns it (``msplora summary`` itself exits 0 through msplora.errors)."""
+    parser = ArgumentParser(prog="msplora summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", metavar="RUN_DIR", help="a run's directory (newest metrics.json under it) or the file")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    path = find_metrics(args.run)
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable metrics.json ({e}). Fix: pass a finished run's directory") from None
+    if not isinstance(m, dict):
+        raise UserError(f"{path}: not a metrics.json (a JSON object). Fix: pass a finished run's directory")
     line = {
         k: m.get(k)
         for k in (
