@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import msplora
+from msplora.errors import ArgumentParser
 from msplora.layers import MSPLoRALinear
 
 
@@ -109,7 +110,7 @@ def _time(fn, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="msplora bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     ap.add_argument("--batch", type=int, default=16)

@@ -17,13 +17,13 @@ with exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from msplora.config import ConfigError
+from msplora.errors import ArgumentParser, run_command
 
 TARGETS = ("peft", "merged", "msplora")
 
@@ -146,13 +146,8 @@ def export_run(run_dir: str | Path, to: str, out: str | Path) -> Path:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
-        self.exit(2, f"{self.prog}: {message}. Fix: see `{self.prog} --help`\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="msplora export",
         description="Export a run's best adapter as a peft LoRA folder, a merged transformers model, "
         "or an msplora adapter that names its public base model.",
@@ -160,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a fit's run folder (<root>/version_N) with best_adapter/")
     parser.add_argument("--to", required=True, choices=TARGETS, help="output format")
     parser.add_argument("out", metavar="OUT", help="folder to create (must not exist)")
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)
-        return int(e.code or 0)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # a usage error: UsageError, one line
     try:
         out = export_run(args.run_dir, args.to, args.out)
     except ConfigError as e:
@@ -183,4 +175,4 @@ def _fail(message: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("export", main, sys.argv[1:]))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from msplora.config import ConfigError
+from msplora.errors import ArgumentParser
 from msplora.io import split_passthrough
 from msplora.search.objective import (
     ENV_TRIAL_DIR,
@@ -128,7 +129,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m msplora.search", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="msplora search", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(q):
