@@ -88,6 +88,14 @@ def broken_run(tmp_path):
     return run
 
 
+def _status(argv: list[str]) -> int:
+    """The exit status of ``msplora <argv>``: returned, or raised by the error boundary."""
+    try:
+        return msplora_main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_refusals_are_one_line_exit_2_and_write_nothing(broken_run, tmp_path, capsys):
     out = tmp_path / "out"
     cases = [
@@ -98,13 +106,13 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(broken_run, tmp_path, ca
         ([str(broken_run), "--to", "peft"], "required"),
     ]
     for args, needle in cases:
-        assert msplora_main(["export", *args]) == 2, args
+        assert _status(["export", *args]) == 2, args
         assert_one_line_error(capsys.readouterr().err, needle)
         assert not out.exists()
     # an existing OUT is refused and left as it was
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert msplora_main(["export", str(broken_run), "--to", "peft", str(out)]) == 2
+    assert _status(["export", str(broken_run), "--to", "peft", str(out)]) == 2
     assert_one_line_error(capsys.readouterr().err, "already exists")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
