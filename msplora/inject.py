@@ -147,6 +147,8 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
             "model: already has an MSPLoRA adapter. Fix: inject into a fresh model, or merge_and_unload first"
         )
     plan = _plan(model, config)
+    # budget_of -> ranks for this model (a resolved copy; the bank keeps it, saves it)
+    config = config.resolve_budget({kind: (len(ts), *ts[0].shape) for kind, ts in plan.items()})
     save_modules = _modules_to_save(model, config)
     kinds = {}
     for kind, ts in plan.items():
@@ -468,9 +470,8 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
     )
     state = {}
     for name, layer in layers:
-        kb = layer.bank
-        a = kb.A.index_select(0, layer.rows)  # (R, d_in)
-        b = kb.B.index_select(1, layer.rows) * layer.scale  # (d_out, R), s_k folded in
+        a, b, scale = layer.bank.gather(layer.rows)  # (R, d_in), (d_out, R), (R,)
+        b = b * scale  # s_k folded in
         state[f"base_model.model.{name}.lora_A.weight"] = a.float().cpu().contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = b.float().cpu().contiguous()
     for name, mod in _modules_to_save(model, cfg):
