@@ -101,6 +101,19 @@ def level_scale(rule: str, alpha: float, rank: int) -> float:
     raise ValueError(f"unknown scale rule {rule!r}; use one of {list(SCALE_RULES)}")
 
 
+def alpha_for_scale(rule: str, scale: float, rank: int) -> float:
+    """The alpha that gives a level of this rank the scale ``scale`` under ``rule`` (the inverse
+    of :func:`level_scale`): a search that samples one scale for the coarsest level, rather
+    than alpha, compares the rules at one overall magnitude (alpha 16 means s = 2, 5.7 or 16)."""
+    if rule == "lora":
+        return scale * rank
+    if rule == "rslora":
+        return scale * math.sqrt(rank)
+    if rule == "constant":
+        return float(scale)
+    raise ValueError(f"unknown scale rule {rule!r}; use one of {list(SCALE_RULES)}")
+
+
 def cell_lr_multipliers(
     share: str,
     n_layers: int,

@@ -18,7 +18,7 @@ import msplora
 from msplora import ConfigError, Level, MSPLoRAConfig
 from msplora.config import scale_lr_options
 from msplora.layers import KindBank
-from msplora.pyramid import budget_rank, cell_lr_multipliers, level_scale, lora_budget_rank
+from msplora.pyramid import alpha_for_scale, budget_rank, cell_lr_multipliers, level_scale, lora_budget_rank
 from msplora.training.module import MSPLoRAModule
 from tests.tiny import N_LAYERS, inputs, logits, randomize_adapter, tiny_bert
 
@@ -35,6 +35,8 @@ def test_scale_rule_formulas():
     assert level_scale("rslora", 16, 4) == 8.0
     assert level_scale("constant", 16, 4) == 16.0
     assert Level(rank=2).scale == 8.0  # a level alone: alpha / r, as before
+    for rule in ("lora", "rslora", "constant"):
+        assert math.isclose(level_scale(rule, alpha_for_scale(rule, 2.0, 8), 8), 2.0)
     cfg = paper_config(scale_rule="rslora")
     assert [lv.scale for lv in cfg.levels] == [16 / math.sqrt(8), 8.0, 16 / math.sqrt(2)]
     # a level's own rule wins over the pyramid's
