@@ -84,10 +84,8 @@ def record_spectra(model: nn.Module) -> dict[str, dict[str, list[float]]]:
                 level[f"{lv.name}/{kind}/{c}"] = _as_list(sv[c])
         # Whole delta of layer at position l: B[:, rows_l] diag(scales) A[rows_l], batched over l.
         rows = torch.tensor([kb.rows(pos) for pos in range(len(kb.layer_ids))], device=kb.A.device)  # (n, R)
-        scale = torch.tensor(kb.scales(), device=kb.A.device, dtype=kb.A.dtype)  # (R,)
-        a = kb.A[rows]  # (n, R, d_in)
-        b = kb.B[:, rows].permute(1, 0, 2) * scale  # (n, d_out, R)
-        sv = low_rank_svdvals(b, a)  # (n, R)
+        a, b, scale = kb.gather(rows)  # (n, R, d_in), (n, d_out, R), (R,)
+        sv = low_rank_svdvals(b * scale, a)  # (n, R)
         for pos, layer_id in enumerate(kb.layer_ids):
             layer[f"{kind}/{layer_id}"] = _as_list(sv[pos])
     return {"level": level, "layer": layer}

@@ -2,19 +2,26 @@
 
     h = W x + sum_k  s_k * B_{k,c} A_{k,c} drop(x),   c = cell_k(l),   s_k = alpha_k / r_k
 
+s_k follows ``scale_rule`` (alpha / r by default; alpha / sqrt(r); alpha). Training-only
+options live here too, so an ablation overlay or a search trial is one config: per-level
+learning-rate multipliers (``lr_scale``, ``lr_rule``) and B's LR ratio (``lr_ratio_B``); see
+docs/scaling.md.
+
 Every check that needs no model lives in ``__post_init__``; checks that need the
 model (layer count, target names) run in :func:`msplora.inject`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msplora.pyramid import SHARES, rank_schedule
+from msplora.pyramid import LR_RULES, SCALE_RULES, SHARES, budget_rank, level_scale, rank_schedule
 
 
 class ConfigError(ValueError):
@@ -27,18 +34,23 @@ def _fail(field_name: str, problem: str, fix: str) -> None:
 
 @dataclass
 class Level:
-    """One level of the pyramid: which layers share an (A, B) pair, and its rank and alpha.
+    """One level of the pyramid: which layers share an (A, B) pair, its rank, scale and LR.
 
     Args:
         share: ``global`` (one cell: all layers), ``group`` (consecutive layers; set
             ``groups`` or ``group_size``), or ``layer`` (one cell per layer = plain LoRA).
         rank: rank r_k of every cell of this level (>= 1).
-        alpha: scale numerator; the update is multiplied by alpha / rank.
+        alpha: scale numerator; the update is multiplied by s_k = alpha / rank under the
+            default ``scale_rule``.
         groups: for ``share=group``: number of groups G (uneven splits put the extra
             layers in the first groups).
         group_size: for ``share=group``: layers per group S (the last group may be smaller).
         name: key of the level in reports and adapter files; default ``global``, ``mid``
             or ``layer``, with the level index appended when two levels would clash.
+        scale_rule: how s_k follows from alpha and rank: ``lora`` alpha / r, ``rslora``
+            alpha / sqrt(r), ``constant`` alpha. None = the pyramid's ``scale_rule``.
+        lr_scale: this level's learning rate as a multiple of the adapter's (> 0); one
+            optimizer step moves the level's A and B rows lr_scale times as far.
     """
 
     share: str = "layer"
@@ -47,10 +59,13 @@ class Level:
     groups: int | None = None
     group_size: int | None = None
     name: str | None = None
+    scale_rule: str | None = None
+    lr_scale: float = 1.0
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        """s_k: alpha / rank, alpha / sqrt(rank) or alpha, by ``scale_rule``."""
+        return level_scale(self.scale_rule or "lora", self.alpha, self.rank)
 
 
 _DEFAULT_NAMES = {"global": "global", "group": "mid", "layer": "layer"}
@@ -81,6 +96,17 @@ class MSPLoRAConfig:
             base) or ``gaussian`` (A ~ N(0, 1/r), B zero).
         modules_to_save: extra modules (e.g. a task head ``classifier``) trained in full
             and saved with the adapter.
+        scale_rule: s_k of every level that does not set its own: ``lora`` s_k = alpha_k / r_k
+            (the paper's), ``rslora`` s_k = alpha_k / sqrt(r_k), ``constant`` s_k = alpha_k.
+        lr_rule: divides each cell's learning rate by the number n of layers it serves:
+            ``none`` (x 1), ``layers`` (x 1/n), ``sqrt_layers`` (x 1/sqrt(n)); on top of each
+            level's ``lr_scale``. A per-layer cell has n = 1.
+        lr_ratio_B: learning rate of every B as a multiple of A's (LoRA+; 1 = equal).
+        budget_of: a pyramid (list of levels) whose adapter parameter count this config
+            matches on the model it is injected into: every level of ``levels`` then gets one
+            rank, the one whose count is nearest (a tie goes to the smaller rank, at least 1),
+            replacing their ``rank``. One per-layer level = the equal-budget plain LoRA.
+            Resolved by ``inject``, which keeps the resolved config (``budget_of`` cleared).
     """
 
     targets: list[str] | str = field(default_factory=lambda: ["query", "value"])
@@ -92,14 +118,24 @@ class MSPLoRAConfig:
     fan_in_fan_out: bool | None = None
     init: str = "lora"
     modules_to_save: list[str] = field(default_factory=list)
+    scale_rule: str = "lora"
+    lr_rule: str = "none"
+    lr_ratio_B: float = 1.0
+    budget_of: list[Level] | None = None
 
     def __post_init__(self) -> None:
         self.levels = [lv if isinstance(lv, Level) else Level(**lv) for lv in self.levels]
+        if self.budget_of is not None:
+            self.budget_of = [lv if isinstance(lv, Level) else Level(**lv) for lv in self.budget_of]
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         self._resolve_rank_shortcuts()
         self._validate()
         self._name_levels()
+        # After validation: a level without its own rule takes the pyramid's, so Level.scale
+        # and a saved config need no context.
+        for lv in self.levels:
+            lv.scale_rule = lv.scale_rule or self.scale_rule
 
     # -- validation -------------------------------------------------------------------------
     def _resolve_rank_shortcuts(self) -> None:
@@ -107,6 +143,12 @@ class MSPLoRAConfig:
         # holds one source of truth and reloading it cannot apply a schedule twice.
         if self.ranks is not None and self.r0 is not None:
             _fail("ranks", "both ranks and r0 given", "use either an explicit list or r0 + decay")
+        if self.budget_of is not None and (self.ranks is not None or self.r0 is not None):
+            _fail(
+                "budget_of",
+                "given with ranks / r0, which it would override",
+                "drop ranks / r0: budget_of sets the ranks from the model",
+            )
         if self.ranks is not None:
             if len(self.ranks) != len(self.levels):
                 _fail("ranks", f"{len(self.ranks)} ranks for {len(self.levels)} levels", "give one rank per level")
@@ -127,8 +169,28 @@ class MSPLoRAConfig:
     def _validate(self) -> None:
         if not self.levels:
             _fail("levels", "the level list is empty", "give at least one level, e.g. {share: layer, rank: 8}")
-        for i, lv in enumerate(self.levels):
-            where = f"levels[{i}]"
+        self._validate_levels("levels", self.levels)
+        if self.budget_of is not None:
+            if not self.budget_of:
+                _fail("budget_of", "the budget pyramid is empty", "give its levels, or drop budget_of")
+            self._validate_levels("budget_of", self.budget_of)
+        if self.scale_rule not in SCALE_RULES:
+            _fail("scale_rule", f"unknown rule {self.scale_rule!r}", f"use one of {_rules(SCALE_RULES)}")
+        if self.lr_rule not in LR_RULES:
+            _fail("lr_rule", f"unknown rule {self.lr_rule!r}", f"use one of {_rules(LR_RULES, 'x ')}")
+        if not _positive(self.lr_ratio_B):
+            _fail("lr_ratio_B", f"{self.lr_ratio_B!r} is not a positive number", "use e.g. 1 (equal) or 16 (LoRA+)")
+        if not 0 <= self.dropout < 1:
+            _fail("dropout", f"{self.dropout} is outside [0, 1)", "use e.g. 0.05")
+        if self.init not in ("lora", "gaussian"):
+            _fail("init", f"unknown init {self.init!r}", "use lora or gaussian")
+        if not self.targets:
+            _fail("targets", "no target modules", "name the linear maps to adapt, e.g. [query, value]")
+
+    @staticmethod
+    def _validate_levels(key: str, levels: list[Level]) -> None:
+        for i, lv in enumerate(levels):
+            where = f"{key}[{i}]"
             if lv.share not in SHARES:
                 _fail(f"{where}.share", f"unknown scheme {lv.share!r}", f"use one of {', '.join(SHARES)}")
             if isinstance(lv.rank, bool) or not isinstance(lv.rank, int):
@@ -146,14 +208,16 @@ class MSPLoRAConfig:
                     _fail(f"{where}.group_size", f"group_size {lv.group_size} < 1", "use at least 1 layer per group")
             elif lv.groups is not None or lv.group_size is not None:
                 _fail(where, f"groups/group_size given for share={lv.share}", "set share: group, or drop them")
-        if sum(lv.share == "global" for lv in self.levels) > 1:
-            _fail("levels", "more than one global level", "a global level covers every layer once; keep one")
-        if not 0 <= self.dropout < 1:
-            _fail("dropout", f"{self.dropout} is outside [0, 1)", "use e.g. 0.05")
-        if self.init not in ("lora", "gaussian"):
-            _fail("init", f"unknown init {self.init!r}", "use lora or gaussian")
-        if not self.targets:
-            _fail("targets", "no target modules", "name the linear maps to adapt, e.g. [query, value]")
+            if lv.scale_rule is not None and lv.scale_rule not in SCALE_RULES:
+                _fail(
+                    f"{where}.scale_rule",
+                    f"unknown rule {lv.scale_rule!r}",
+                    f"use one of {_rules(SCALE_RULES)}, or drop it to use the pyramid's scale_rule",
+                )
+            if not _positive(lv.lr_scale):
+                _fail(f"{where}.lr_scale", f"{lv.lr_scale!r} is not a positive number", "use e.g. 1 (the adapter's LR)")
+        if sum(lv.share == "global" for lv in levels) > 1:
+            _fail(key, "more than one global level", "a global level covers every layer once; keep one")
 
     def _name_levels(self) -> None:
         defaults = [lv.name or _DEFAULT_NAMES[lv.share] for lv in self.levels]
@@ -165,6 +229,30 @@ class MSPLoRAConfig:
             _fail("levels[].name", f"duplicate level names {names}", "give each level a distinct name")
         if any("." in n for n in names):
             _fail("levels[].name", f"a name contains '.': {names}", "use names without dots")
+
+    # -- resolution on a model ----------------------------------------------------------------
+    def resolve_budget(self, layout: dict[str, tuple[int, int, int]]) -> MSPLoRAConfig:
+        """This config with ``budget_of`` turned into ranks for ``layout`` (target kind ->
+        (adapted layers, d_in, d_out)); ``self`` when there is no ``budget_of``. A copy: the
+        caller's config is not changed. Raises ConfigError (changing nothing) when the budget
+        pyramid's groups do not fit the layers."""
+        if self.budget_of is None:
+            return self
+        for kind, (n, _, _) in layout.items():
+            for i, lv in enumerate(self.budget_of):
+                if (lv.groups or 0) > n or (lv.group_size or 0) > n:
+                    _fail(
+                        f"budget_of[{i}]",
+                        f"{lv.groups or lv.group_size} {'groups' if lv.groups else 'layers per group'} "
+                        f"for {n} adapted layers of {kind}",
+                        f"use at most {n}",
+                    )
+        rank = budget_rank([vars(lv) for lv in self.budget_of], [vars(lv) for lv in self.levels], layout)
+        resolved = copy.deepcopy(self)
+        for lv in resolved.levels:
+            lv.rank = rank
+        resolved.budget_of = None
+        return resolved
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -208,3 +296,45 @@ class MSPLoRAConfig:
     @property
     def total_rank(self) -> int:
         return sum(lv.rank for lv in self.levels)
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _rules(rules: dict[str, str], prefix: str = "") -> str:
+    return ", ".join(f"{name} ({prefix}{formula})" for name, formula in rules.items())
+
+
+def scale_lr_options(
+    levels: list[dict[str, Any]],
+    scale_rule: str = "lora",
+    lr_scales: list[float] | None = None,
+    lr_rule: str = "none",
+    lr_ratio_B: float = 1.0,
+) -> dict[str, Any]:
+    """The ``model.pyramid`` keys for a sampled pyramid with these scale / LR options: what a
+    search trial calls after sampling, so trial configs and ablation overlays are one format.
+
+    ``levels``: dicts as the search builds them (share, rank, alpha, groups / group_size);
+    ``lr_scales``: one multiplier per level (None = 1 each). Validated through
+    :class:`MSPLoRAConfig` (ConfigError naming the field), nothing else is touched. Options at
+    their defaults are left out, so a default trial's config is what it was before them.
+    """
+    levels = [dict(lv) for lv in levels]
+    if lr_scales is not None:
+        if len(lr_scales) != len(levels):
+            _fail("lr_scales", f"{len(lr_scales)} multipliers for {len(levels)} levels", "give one per level")
+        for lv, m in zip(levels, lr_scales):
+            if m != 1.0:
+                lv["lr_scale"] = m
+    out: dict[str, Any] = {"levels": levels}
+    for key, value, default in (
+        ("scale_rule", scale_rule, "lora"),
+        ("lr_rule", lr_rule, "none"),
+        ("lr_ratio_B", lr_ratio_B, 1.0),
+    ):
+        if value != default:
+            out[key] = value
+    MSPLoRAConfig(**copy.deepcopy(out))  # validate: raises ConfigError naming the field
+    return out

@@ -156,8 +156,8 @@ def export_peft(model: nn.Module, path: str | Path, base_model: str | None = Non
     state = {}
     for mname, layer in layers:
         kb = layer.bank
-        a = kb.A.index_select(0, layer.rows)  # (R, d_in)
-        b = kb.B.index_select(1, layer.rows) * layer.scale  # (d_out, R), s_k folded in
+        a, b, scale = kb.gather(layer.rows)  # (R, d_in), (d_out, R), (R,)
+        b = b * scale  # s_k folded in
         state[f"base_model.model.{mname}.lora_A.weight"] = a.float().cpu().contiguous()
         state[f"base_model.model.{mname}.lora_B.weight"] = b.float().cpu().contiguous()
     for mname, mod in _modules_to_save(model, cfg):

@@ -170,6 +170,8 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
             "model: already has an MSPLoRA adapter. Fix: inject into a fresh model, or merge_and_unload first"
         )
     plan = _plan(model, config)
+    # budget_of -> ranks for this model (a resolved copy; the bank keeps it, saves it)
+    config = config.resolve_budget({kind: (len(ts), *ts[0].shape) for kind, ts in plan.items()})
     save_modules = _modules_to_save(model, config)
     bank = _build_bank(plan, config)
     bank.train(model.training)
@@ -211,10 +213,9 @@ def reset_adapter(model: nn.Module) -> nn.Module:
     unmerge(model)  # a merged delta must leave W before its A/B are replaced
     for kb in bank.kinds.values():
         kb.reset_parameters(bank.config.init)
+        kb.row_scale.copy_(torch.tensor(kb.scales()))
     for _, layer in wrapped_layers(model):
-        kb = layer.bank
-        layer.rows.copy_(torch.tensor(kb.rows(layer.pos)))
-        layer.scale.copy_(torch.tensor(kb.scales()))
+        layer.rows.copy_(torch.tensor(layer.bank.rows(layer.pos)))
     return model
 
 

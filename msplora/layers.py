@@ -7,15 +7,29 @@ Storage, per target kind (e.g. ``query``), all levels and cells stacked in two t
     R_tot = sum_k r_k * n_cells_k
 
 A wrapped layer at position l holds the row indices of its cells, one block per level,
-``rows = [global c0 rows, mid cell_mid(l) rows, layer l rows]`` (sum_k r_k of them), and
-the per-row scales ``alpha_k / r_k``. Its forward is then one gather + one down and one
+``rows = [global c0 rows, mid cell_mid(l) rows, layer l rows]`` (sum_k r_k of them). The
+per-row scales s_k (``scale_rule``: alpha_k / r_k by default) are the same for every
+position, so the bank keeps them once. Its forward is then one gather + one down and one
 up matmul, whatever the number of levels (DESIGN.md section 4)::
 
-    a = A[rows]                      # (R, d_in)
-    b = B[:, rows]                   # (d_out, R)
+    a, b, scale = bank.gather(rows)  # (R, d_in), (d_out, R), (R,)
     y = W x + b @ (scale * (a @ drop(x)))
 
+``KindBank.gather`` is the one place rows and scales meet: forward, ``delta_weight`` (merge),
+peft export and analysis all call it.
+
 Dropout: one mask on x, shared by every level (all levels see the same drop(x)).
+
+Per-level learning rates: a kind's levels share one A and one B tensor (so the forward
+stays fused), so an optimizer's parameter groups cannot give them different LRs. Instead
+:func:`scale_level_steps` multiplies each row's optimizer step by its multiplier after the
+step. For AdamW the step is linear in lr,
+
+    theta_new - theta = -lr * (m_hat / (sqrt(v_hat) + eps) + wd * theta)
+
+(Adam's moments do not depend on lr), so ``theta + c * (theta_new - theta)`` is exactly the
+step with lr * c, weight decay and eps included (to float rounding); the same holds for
+SGD, Adam and RMSprop.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msplora.config import ConfigError, Level
-from msplora.pyramid import cell_of_layer, n_cells
+from msplora.pyramid import cell_lr_multipliers, cell_of_layer, n_cells
 
 PREFIX = "msplora_bank"  # every adapter parameter's name starts with this (STYLE principle 7)
 
@@ -60,6 +74,10 @@ class KindBank(nn.Module):
             total += lv.rank * nc
         self.A = nn.Parameter(torch.empty(total, d_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(d_out, total, device=device, dtype=dtype))
+        # s_k of each of a layer's R = sum_k r_k rows; not saved (it follows from the config)
+        self.register_buffer(
+            "row_scale", torch.tensor(self.scales(), device=device, dtype=dtype), persistent=False
+        )  # (R,)
         self.reset_parameters(init)
 
     @torch.no_grad()
@@ -84,7 +102,31 @@ class KindBank(nn.Module):
         return out
 
     def scales(self) -> list[float]:
+        """s_k of each of a layer's rows, in ``rows`` order (the same for every position)."""
         return [lv.scale for lv in self.levels for _ in range(lv.rank)]
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The factors of one layer, or of a batch of layers: the delta is ``(b * scale) @ a``.
+
+        rows (R,)   -> a (R, d_in),    b (d_out, R),    scale (R,)
+        rows (n, R) -> a (n, R, d_in), b (n, d_out, R), scale (R,)
+        """
+        if rows.dim() == 1:
+            return self.A.index_select(0, rows), self.B.index_select(1, rows), self.row_scale
+        a = self.A[rows]  # (n, R, d_in)
+        b = self.B[:, rows].permute(1, 0, 2)  # (d_out, n, R) -> (n, d_out, R)
+        return a, b, self.row_scale
+
+    def lr_multipliers(self, lr_rule: str = "none") -> torch.Tensor:
+        """Learning-rate multiplier of each row of A (= column of B), shape (R_tot,): the
+        level's ``lr_scale`` times the ``lr_rule`` factor of the row's cell (see
+        :func:`msplora.pyramid.cell_lr_multipliers`)."""
+        n = len(self.layer_ids)
+        out = []
+        for lv in self.levels:
+            for m in cell_lr_multipliers(lv.share, n, lv.groups, lv.group_size, lv.lr_scale, lr_rule):
+                out.extend([m] * lv.rank)
+        return torch.tensor(out, device=self.A.device, dtype=self.A.dtype)
 
     def level_block(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Level k's factors as views: A (n_cells, r, d_in), B (n_cells, d_out, r)."""
@@ -101,6 +143,48 @@ class MSPLoRABank(nn.Module):
         super().__init__()
         self.config = config
         self.kinds = nn.ModuleDict(kinds)
+
+    def lr_multipliers(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, per-element step multiplier broadcastable to it) for every A and B
+        whose rows do not all train at the adapter's LR; empty under the default config."""
+        out = []
+        for kb in self.kinds.values():
+            m = kb.lr_multipliers(self.config.lr_rule)  # (R_tot,)
+            if bool((m != 1).any()):
+                out += [(kb.A, m[:, None]), (kb.B, m[None, :])]  # rows of A, columns of B
+        return out
+
+
+def scale_level_steps(optimizer: torch.optim.Optimizer, bank: MSPLoRABank) -> list:
+    """Make ``optimizer``'s steps move each adapter row by its level's LR multiplier times the
+    step it would take (module docstring: exact for AdamW, Adam, SGD, RMSprop; not for
+    optimizers whose step is not proportional to lr, such as Adafactor's relative steps).
+
+    Uses the optimizer's public step pre/post hooks. Returns their handles (``.remove()``
+    undoes it); none are registered, and nothing changes, when every multiplier is 1.
+    """
+    pairs = bank.lr_multipliers()
+    if not pairs:
+        return []
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [tuple(p.shape) for p, _ in pairs if id(p) not in params]
+    if missing:
+        raise ValueError(
+            f"scale_level_steps: adapter tensors of shape {missing} are not in this optimizer. "
+            "Fix: build the optimizer over the model's trainable parameters first"
+        )
+    before: list[torch.Tensor] = []
+
+    def snapshot(opt, args, kwargs) -> None:
+        before[:] = [p.detach().clone() for p, _ in pairs]
+
+    @torch.no_grad()
+    def rescale(opt, args, kwargs) -> None:
+        for (p, m), old in zip(pairs, before):
+            p.copy_(old.addcmul_(p - old, m.to(p)))  # theta + c * (theta_new - theta)
+        before.clear()
+
+    return [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(rescale)]
 
 
 class MSPLoRALinear(nn.Module):
@@ -120,9 +204,7 @@ class MSPLoRALinear(nn.Module):
         self.kind, self.pos, self.layer_id = kind, pos, bank.layer_ids[pos]
         self.fan_in_fan_out = fan_in_fan_out
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev = bank.A.device
-        self.register_buffer("rows", torch.tensor(bank.rows(pos), device=dev), persistent=False)
-        self.register_buffer("scale", torch.tensor(bank.scales(), device=dev, dtype=bank.A.dtype), persistent=False)
+        self.register_buffer("rows", torch.tensor(bank.rows(pos), device=bank.A.device), persistent=False)
         self.merged = False
         self.disabled = False
 
@@ -134,22 +216,23 @@ class MSPLoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:  # models that peek at .weight (dtype checks) still work
         return self.base_layer.weight
 
+    @property
+    def scale(self) -> torch.Tensor:
+        """s_k of each of this layer's rows, (R,): the bank's, shared by every position."""
+        return self._bank.row_scale
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return out
-        bank = self._bank
-        a = bank.A.index_select(0, self.rows)  # (R, d_in)
-        b = bank.B.index_select(1, self.rows)  # (d_out, R)
-        h = F.linear(self.dropout(x.to(a.dtype)), a) * self.scale  # (..., R)
+        a, b, scale = self._bank.gather(self.rows)  # (R, d_in), (d_out, R), (R,)
+        h = F.linear(self.dropout(x.to(a.dtype)), a) * scale  # (..., R)
         return out + F.linear(h, b).to(out.dtype)  # (..., d_out)
 
     def delta_weight(self) -> torch.Tensor:
         """sum_k s_k B_k A_k in the base weight's layout: (d_out, d_in), or transposed for Conv1D."""
-        bank = self._bank
-        a = bank.A.index_select(0, self.rows)
-        b = bank.B.index_select(1, self.rows)
-        delta = (b * self.scale) @ a
+        a, b, scale = self._bank.gather(self.rows)  # (R, d_in), (d_out, R), (R,)
+        delta = (b * scale) @ a
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()

@@ -16,9 +16,17 @@ smaller *last* group (12 layers, S=5 -> sizes 5, 5, 2).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 SHARES = ("global", "group", "layer")
+
+# Scale s_k of a level's update s_k B A, by rule (name -> formula). With alpha 16 on ranks
+# 8/4/2, ``lora`` gives 2/4/8 (the finest level moves 4x as fast as the coarsest under Adam),
+# ``rslora`` 5.7/8/11.3 (2x), ``constant`` 16/16/16 (set alpha to the one scale wanted).
+SCALE_RULES = {"lora": "alpha / r", "rslora": "alpha / sqrt(r)", "constant": "alpha"}
+# Learning-rate multiplier of a cell serving n layers, on top of its level's lr_scale.
+LR_RULES = {"none": "1", "layers": "1 / n", "sqrt_layers": "1 / sqrt(n)"}
 
 
 def group_sizes(n_layers: int, groups: int | None = None, group_size: int | None = None) -> list[int]:
@@ -78,3 +86,84 @@ def parameter_count(levels: Sequence[Mapping], n_layers: int, shapes: Mapping[st
             cells = n_cells(lv["share"], n_layers, lv.get("groups"), lv.get("group_size"))
             total += lv["rank"] * (d_in + d_out) * cells
     return total
+
+
+def level_scale(rule: str, alpha: float, rank: int) -> float:
+    """s_k of one level: ``lora`` alpha / r (Hu et al.; the paper's and the default),
+    ``rslora`` alpha / sqrt(r) (Kalajdzievski 2023, rank-stabilised), ``constant`` alpha
+    (the same scale for every level whatever its rank, given one alpha)."""
+    if rule == "lora":
+        return alpha / rank
+    if rule == "rslora":
+        return alpha / math.sqrt(rank)
+    if rule == "constant":
+        return float(alpha)
+    raise ValueError(f"unknown scale rule {rule!r}; use one of {list(SCALE_RULES)}")
+
+
+def alpha_for_scale(rule: str, scale: float, rank: int) -> float:
+    """The alpha that gives a level of this rank the scale ``scale`` under ``rule`` (the inverse
+    of :func:`level_scale`): a search that samples one scale for the coarsest level, rather
+    than alpha, compares the rules at one overall magnitude (alpha 16 means s = 2, 5.7 or 16)."""
+    if rule == "lora":
+        return scale * rank
+    if rule == "rslora":
+        return scale * math.sqrt(rank)
+    if rule == "constant":
+        return float(scale)
+    raise ValueError(f"unknown scale rule {rule!r}; use one of {list(SCALE_RULES)}")
+
+
+def cell_lr_multipliers(
+    share: str,
+    n_layers: int,
+    groups: int | None = None,
+    group_size: int | None = None,
+    lr_scale: float = 1.0,
+    rule: str = "none",
+) -> list[float]:
+    """Learning-rate multiplier of each cell of one level: ``lr_scale * f(n_c)``, n_c = layers
+    the cell serves, f = 1 (``none``), 1 / n_c (``layers``) or 1 / sqrt(n_c) (``sqrt_layers``).
+
+    Why ``layers``: a shared cell's step moves all n_c layers it serves at once, so dividing
+    its LR by n_c makes one step change the model about as much as a per-layer cell's step.
+    """
+    sizes = [0] * n_cells(share, n_layers, groups, group_size)
+    for c in cell_of_layer(share, n_layers, groups, group_size):
+        sizes[c] += 1
+    if rule == "none":
+        return [lr_scale] * len(sizes)
+    if rule == "layers":
+        return [lr_scale / n for n in sizes]
+    if rule == "sqrt_layers":
+        return [lr_scale / math.sqrt(n) for n in sizes]
+    raise ValueError(f"unknown lr rule {rule!r}; use one of {list(LR_RULES)}")
+
+
+def budget_rank(
+    budget: Sequence[Mapping], levels: Sequence[Mapping], layout: Mapping[str, tuple[int, int, int]]
+) -> int:
+    """The one rank r that, given to every level of ``levels``, brings their adapter count
+    nearest to the count of the pyramid ``budget`` on the same targets.
+
+    ``layout``: target kind -> (adapted layers, d_in, d_out), e.g. from
+    :func:`msplora.inject.target_layout`. Rounding: to the nearest integer, a tie going to the
+    smaller rank (the baseline never gets the extra half rank), and at least 1::
+
+        r = max(1, ceil(P / U - 1/2)),  P = budget's count,  U = count of ``levels`` at rank 1
+
+    MiniLM (6 layers, q/v 384 x 384), budget 8/4/2 over 3 groups: P/U = 32/6 -> r = 5;
+    RoBERTa-base (12 layers, 768): 44/12 -> r = 4.
+    """
+    per_rank = sum(
+        parameter_count([{**lv, "rank": 1} for lv in levels], n, {kind: (d_in, d_out)})
+        for kind, (n, d_in, d_out) in layout.items()
+    )
+    total = sum(parameter_count(budget, n, {kind: (d_in, d_out)}) for kind, (n, d_in, d_out) in layout.items())
+    return max(1, (2 * total + per_rank - 1) // (2 * per_rank))  # integer form of ceil(P/U - 1/2)
+
+
+def lora_budget_rank(budget: Sequence[Mapping], layout: Mapping[str, tuple[int, int, int]]) -> int:
+    """The plain-LoRA rank (one per-layer level) with the adapter count nearest ``budget``'s
+    on ``layout``: the equal-budget baseline. Rounding as in :func:`budget_rank`."""
+    return budget_rank(budget, [{"share": "layer"}], layout)

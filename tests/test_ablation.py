@@ -71,7 +71,8 @@ def test_every_ablation_parses_and_smoke_runs(name, tmp_path, tiny_bert_dir):
     args, cli = composed(name, tiny_bert_dir)
     cfg = cli.model.pyramid
     assert isinstance(cfg, msplora.MSPLoRAConfig) and cfg.targets == ["query", "value"]
-    cli_main(["fit", *args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    fit = cli_main(["fit", *args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    cfg = msplora.get_bank(fit.model.model).config  # as injected (budget_of resolved on the model)
     m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert m["adapter_params"] == msplora.parameter_count(
         [vars(lv) for lv in cfg.levels], 4, {"query": (32, 32), "value": (32, 32)}
@@ -111,6 +112,7 @@ def test_trainable_count_matches_the_formula_on_minilm_shape(name, tiny_bert_dir
             BertConfig(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)
         )
     msplora.inject(model, cfg)
+    cfg = msplora.get_bank(model).config  # as injected (budget_of resolved on the model)
     formula = msplora.parameter_count([vars(lv) for lv in cfg.levels], 6, {"query": (384, 384), "value": (384, 384)})
     assert msplora.adapter_parameters(model) == formula
     if name in RANK_CELLS:

@@ -41,7 +41,7 @@ def load_base_tensors(model, base) -> None:
         if plain in src:
             t.copy_(src[plain])
         else:  # only the adapter's own tensors have no base counterpart
-            assert name.startswith("msplora_bank.") or name.endswith((".rows", ".scale")), name
+            assert name.startswith("msplora_bank.") or name.endswith(".rows"), name
 
 
 def test_meta_injection_materialises_with_lora_init():
@@ -62,7 +62,9 @@ def test_meta_injection_materialises_with_lora_init():
 
     reference = msplora.inject(copy.deepcopy(base), llama_config())  # injected on CPU directly
     for (_, layer), (_, ref) in zip(msplora.wrapped_layers(model), msplora.wrapped_layers(reference), strict=True):
-        assert torch.equal(layer.rows, ref.rows) and torch.equal(layer.scale, ref.scale)  # rebuilt, not garbage
+        assert torch.equal(layer.rows, ref.rows)  # rebuilt, not garbage
+    for kind, kb in model.msplora_bank.kinds.items():
+        assert torch.equal(kb.row_scale, reference.msplora_bank.kinds[kind].row_scale), kind  # rebuilt too
     for kind, kb in model.msplora_bank.kinds.items():
         assert torch.equal(kb.B, torch.zeros_like(kb.B)), kind
         bound = 1 / math.sqrt(kb.d_in)  # kaiming_uniform(a=sqrt(5)) on (r, d_in): gain sqrt(1/3) * sqrt(3 / d_in)

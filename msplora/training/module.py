@@ -139,9 +139,9 @@ class MSPLoRAModule(L.LightningModule):
         cfg = self.pyramid or MSPLoRAConfig(targets=default_targets(model))
         if hp.problem != "causal_lm" and not cfg.modules_to_save:
             cfg.modules_to_save = head_modules(model)
-        self.pyramid = cfg
-        self.hparams["pyramid"] = cfg.to_dict()
         msplora.inject(model, cfg)
+        self.pyramid = msplora.get_bank(model).config  # cfg, or its copy with budget_of resolved
+        self.hparams["pyramid"] = self.pyramid.to_dict()
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -200,17 +200,28 @@ class MSPLoRAModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
+        """AdamW, one parameter group per (lr, weight decay): the adapter at ``lr`` (every B at
+        ``lr * pyramid.lr_ratio_B``, LoRA+), the head at ``head_lr``; each level's rows then
+        step ``lr_scale`` (x the ``lr_rule`` factor) as far (``msplora.layers.scale_level_steps``).
+        Linear warmup, then linear decay to 0."""
         from transformers import get_linear_schedule_with_warmup
 
+        from msplora.layers import PREFIX, scale_level_steps
+
         hp = self.hparams
+        bank = msplora.get_bank(self.model)
+        ratio_b = bank.config.lr_ratio_B
         groups: dict[tuple[float, float], list] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            lr = hp.lr if "msplora_bank" in name or hp.head_lr is None else hp.head_lr
+            lr = hp.lr if PREFIX in name or hp.head_lr is None else hp.head_lr
+            if PREFIX in name and name.endswith(".B") and ratio_b != 1:
+                lr = lr * ratio_b
             wd = hp.weight_decay if p.ndim >= 2 else 0.0
             groups.setdefault((lr, wd), []).append(p)
         opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+        scale_level_steps(opt, bank)  # no hooks when every level trains at lr
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 10_000
         sched = get_linear_schedule_with_warmup(opt, int(hp.warmup_ratio * total), total)
