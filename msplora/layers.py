@@ -10,7 +10,7 @@ A wrapped layer at position l holds the row indices of its cells, one block per 
 ``rows = [global c0 rows, mid cell_mid(l) rows, layer l rows]`` (sum_k r_k of them). The
 per-row scales s_k (``scale_rule``: alpha_k / r_k by default) are the same for every
 position, so the bank keeps them once. Its forward is then one gather + one down and one
-up matmul, whatever the number of levels (DESIGN.md section 4)::
+up matmul, whatever the number of levels (docs/design.md section 4)::
 
     a, b, scale = bank.gather(rows)  # (R, d_in), (d_out, R), (R,)
     y = W x + b @ (scale * (a @ drop(x)))

@@ -75,7 +75,7 @@ def rank_schedule(n_levels: int, r0: int, decay: float = 0.5) -> list[int]:
 
 
 def parameter_count(levels: Sequence[Mapping], n_layers: int, shapes: Mapping[str, tuple[int, int]]) -> int:
-    """``sum_kind sum_k r_k * (d_in + d_out) * n_cells_k`` (DESIGN.md section 1).
+    """``sum_kind sum_k r_k * (d_in + d_out) * n_cells_k`` (docs/design.md section 1).
 
     ``levels``: dicts (or dataclasses as dicts) with share, rank, groups, group_size.
     ``shapes``: target kind -> (d_in, d_out).

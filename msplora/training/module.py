@@ -23,7 +23,7 @@ import msplora
 from msplora.config import MSPLoRAConfig
 from msplora.hf import check_model_name, resolve_model
 
-# Linear maps targeted by default, per architecture family (DESIGN.md: q/v in the paper).
+# Linear maps targeted by default, per architecture family (docs/design.md: q/v in the paper).
 DEFAULT_TARGETS = (["query", "value"], ["q_proj", "v_proj"], ["c_attn"])
 
 
