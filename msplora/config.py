@@ -256,9 +256,20 @@ class MSPLoRAConfig:
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict; the scale / LR options appear only where they differ from their
+        defaults, so a default config is written (adapter files, hparams) exactly as before
+        they existed, and older readers still read it."""
         d = dataclasses.asdict(self)
         for k in ("ranks", "r0", "decay"):
             d.pop(k)
+        for k, default in _OPTION_DEFAULTS.items():
+            if d[k] == default:
+                d.pop(k)
+        for lv in [*d["levels"], *(d.get("budget_of") or [])]:
+            if lv["scale_rule"] in (None, self.scale_rule):  # None, or the pyramid's: implied
+                lv.pop("scale_rule")
+            if lv["lr_scale"] == 1.0:
+                lv.pop("lr_scale")
         return d
 
     @classmethod
@@ -296,6 +307,10 @@ class MSPLoRAConfig:
     @property
     def total_rank(self) -> int:
         return sum(lv.rank for lv in self.levels)
+
+
+# The options added by issue 15 and their defaults (left out of to_dict when at them).
+_OPTION_DEFAULTS = {"scale_rule": "lora", "lr_rule": "none", "lr_ratio_B": 1.0, "budget_of": None}
 
 
 def _positive(x: Any) -> bool:

@@ -251,7 +251,7 @@ def test_budget_of_resolves_at_inject_and_saves_resolved(tmp_path):
     assert msplora.get_bank(tiny).config.levels[0].rank == 7
     msplora.save_adapter(tiny, tmp_path / "ad")
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["config"]
-    assert saved["budget_of"] is None and saved["levels"][0]["rank"] == 7
+    assert "budget_of" not in saved and saved["levels"][0]["rank"] == 7
     assert msplora.get_bank(msplora.load_adapter(tiny_bert(), tmp_path / "ad")).config.levels[0].rank == 7
 
 
@@ -267,22 +267,32 @@ def test_budget_that_does_not_fit_is_refused_before_anything_changes():
 
 
 # -- defaults and old files -----------------------------------------------------------------------
-def test_adapter_file_without_the_new_fields_still_loads(tmp_path):
+def test_default_config_is_written_as_before_and_options_round_trip(tmp_path):
+    """A default config's adapter file has exactly the keys written before these options
+    existed (so old readers read it, and old files are what new readers get); set options are
+    written and come back."""
     base = tiny_bert()
     model = msplora.inject(copy.deepcopy(base), paper_config())
+    msplora.save_adapter(model, tmp_path / "default")
+    saved = json.loads((tmp_path / "default" / "adapter_config.json").read_text())["config"]
+    old_keys = {"targets", "levels", "dropout", "fan_in_fan_out", "init", "modules_to_save"}
+    assert set(saved) == old_keys
+    assert all(set(lv) == {"share", "rank", "alpha", "groups", "group_size", "name"} for lv in saved["levels"])
+
+    levels = [{**PAPER[0], "scale_rule": "lora"}, {**PAPER[1], "lr_scale": 0.5}, PAPER[2]]
+    cfg = MSPLoRAConfig(levels=levels, dropout=0.0, scale_rule="rslora", lr_rule="layers", lr_ratio_B=2.0)
+    model = msplora.inject(copy.deepcopy(base), cfg)
     randomize_adapter(model)
-    msplora.save_adapter(model, tmp_path / "ad")
-    path = tmp_path / "ad" / "adapter_config.json"
-    info = json.loads(path.read_text())
-    for key in ("scale_rule", "lr_rule", "lr_ratio_B", "budget_of"):  # as written before issue 15
-        del info["config"][key]
-    for lv in info["config"]["levels"]:
-        del lv["scale_rule"], lv["lr_scale"]
-    path.write_text(json.dumps(info))
-    loaded = msplora.load_adapter(copy.deepcopy(base), tmp_path / "ad")
+    msplora.save_adapter(model, tmp_path / "options")
+    saved = json.loads((tmp_path / "options" / "adapter_config.json").read_text())["config"]
+    assert (saved["scale_rule"], saved["lr_rule"], saved["lr_ratio_B"]) == ("rslora", "layers", 2.0)
+    assert [lv.get("scale_rule") for lv in saved["levels"]] == ["lora", None, None]  # None: the pyramid's
+    assert [lv.get("lr_scale") for lv in saved["levels"]] == [None, 0.5, None]  # None: 1
+    loaded = msplora.load_adapter(copy.deepcopy(base), tmp_path / "options")
+    assert msplora.get_bank(loaded).config.to_dict() == cfg.to_dict()
+    assert [lv.scale for lv in msplora.get_bank(loaded).config.levels] == [2.0, 8.0, 16 / 2**0.5]
     with torch.no_grad():
         assert torch.equal(logits(loaded, inputs()), logits(model, inputs()))
-    assert msplora.get_bank(loaded).config.to_dict() == msplora.get_bank(model).config.to_dict()
 
 
 def test_defaults_keep_the_scales_and_take_no_optimizer_hooks():
