@@ -29,10 +29,12 @@ from msplora.search import (
     mid_choices,
     model_info,
     open_storage,
+    overlay_of,
     param_importances,
     redact,
     report,
     sample_levels,
+    sample_options,
     storage_url,
     work,
     worker_devices,
@@ -88,6 +90,61 @@ def test_fixed_trial_gives_the_stated_pyramid():
     ]
     assert mid_choices(6, {"by": "groups", "choices": [1, 2, 3, 6, 9]}, 1) == ["2", "3"]  # 1, 6, 9 degenerate
     assert mid_choices(4, {"by": "group_size", "choices": [2, 3, 4]}, 2) == []  # both give 2 cells
+
+
+def test_scale_and_lr_options_are_sampled_into_a_valid_pyramid():
+    from msplora.pyramid import level_scale
+
+    space = load_space(SPACE).space | {
+        "scale_rule": ["lora", "rslora", "constant"],
+        "scale": [1.0, 2.0, 4.0],
+        "lr_scale": {"low": 0.25, "high": 4.0, "log": True},
+        "lr_rule": ["none", "layers", "sqrt_layers"],
+        "lr_ratio_B": [1.0, 4.0],
+    }
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    rules, ratios = set(), set()
+    for _ in range(60):
+        trial = study.ask()
+        levels, _ = sample_levels(trial, space, 6)
+        pyramid = sample_options(trial, space, levels)
+        cfg = MSPLoRAConfig(**pyramid)  # the overlay's pyramid is a valid config
+        rule = trial.params.get("scale_rule", "lora")
+        rules.add(rule)
+        ratios.add(cfg.lr_ratio_B)
+        # the coarsest level gets the sampled scale s_0 whatever the rule (rules compared at one magnitude)
+        lv0 = cfg.levels[0]
+        assert level_scale(rule, lv0.alpha, lv0.rank) == pytest.approx(trial.params["scale"])
+        if len(levels) > 1:  # the first level trains at lr; the others at their sampled multiplier
+            assert cfg.levels[0].lr_scale == 1.0
+            assert [lv.lr_scale for lv in cfg.levels[1:]] == pytest.approx(
+                [trial.params[f"lr_scale_{k}"] for k in range(1, len(levels))]
+            )
+        study.tell(trial, 0.0)
+    assert rules == {"lora", "rslora", "constant"} and ratios == {1.0, 4.0}
+
+
+def test_a_space_without_options_samples_the_same_overlays_as_before():
+    space = load_space(SPACE).space
+    trial = optuna.trial.FixedTrial({"n_levels": 3, "r0": 8, "decay": 0.5, "mid_groups_3": "3", "lr": 1e-3})
+    levels, lr = sample_levels(trial, space, 6)
+    assert sample_options(trial, space, levels) == {"levels": levels}  # no option keys, alphas untouched
+    assert overlay_of(levels, lr, sample_options(trial, space, levels)) == overlay_of(levels, lr)
+
+
+def test_bad_option_spaces_are_refused(tmp_path):
+    for change, needle in [
+        ({"scale_rule": ["banana"]}, "scale_rule"),
+        ({"lr_scale": {"low": 2.0, "high": 1.0}}, "lr_scale"),
+        ({"lr_ratio_B": [0.0, 1.0]}, "lr_ratio_B"),
+        ({"lr_rule": []}, "lr_rule"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        doc = yaml.safe_load(SPACE.read_text())
+        doc["space"].update(change)
+        bad.write_text(yaml.safe_dump(doc))
+        with pytest.raises(SearchError, match=f"{needle}.*Fix"):
+            load_space(bad)
 
 
 def test_bad_space_and_storage_fail_with_clear_messages(tmp_path):

@@ -27,6 +27,7 @@ from msplora.search.space import (
     model_info,
     overlay_of,
     sample_levels,
+    sample_options,
 )
 from msplora.search.study import counts, create_study, load_study, open_storage, redact, storage_url
 from msplora.search.workers import reap_dead_workers, work, worker_devices
@@ -54,6 +55,7 @@ __all__ = [
     "report",
     "run_fit",
     "sample_levels",
+    "sample_options",
     "storage_url",
     "work",
     "worker_devices",

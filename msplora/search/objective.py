@@ -23,7 +23,16 @@ from pathlib import Path
 
 import yaml
 
-from msplora.search.space import ModelInfo, SearchError, Space, adapter_params, overlay_of, sample_levels, shape_of
+from msplora.search.space import (
+    ModelInfo,
+    SearchError,
+    Space,
+    adapter_params,
+    overlay_of,
+    sample_levels,
+    sample_options,
+    shape_of,
+)
 from msplora.search.study import HOST, LIVE, space_of
 
 ENV_TRIAL_DIR = "MSPLORA_SEARCH_TRIAL_DIR"  # set by rank 0 for the DDP ranks Lightning starts
@@ -197,7 +206,9 @@ def make_objective(ctx: TrialContext, fit_fn: FitFn = fit_trial, n_trials: int |
 
     def _evaluate(trial) -> float | tuple[float, float]:
         levels, lr = sample_levels(trial, ctx.space.space, ctx.info.n_layers)
-        overlay = overlay_of(levels, lr)
+        options = sample_options(trial, ctx.space.space, levels)
+        levels = options["levels"]
+        overlay = overlay_of(levels, lr, options)
         n_adapter = adapter_params(levels, ctx.info)
         budget = ctx.space.max_adapter_params
         trial.set_user_attr("overlay", overlay)

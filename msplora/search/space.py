@@ -58,6 +58,9 @@ class Space:
 
 
 _SPACE_KEYS = {"r0", "decay", "n_levels", "grouping", "alpha", "lr"}
+# Scale / LR options of the pyramid (README, "Scaling and learning rates per level"); each is
+# optional, and a space without them samples exactly what it sampled before they existed.
+_OPTION_KEYS = {"scale_rule", "scale", "lr_scale", "lr_rule", "lr_ratio_B"}
 _FILE_KEYS = {"objective", "direction", "budget", "space", "sampler", "pruner", "configs", "fit_args", "enqueue"}
 
 
@@ -114,8 +117,20 @@ def _validate_space(sp: Space, path: Path) -> None:
         bad("objective", f"{sp.objective!r} is unknown", "use single or multi")
     if sp.direction not in ("maximize", "minimize"):
         bad("direction", f"{sp.direction!r} is unknown", "use maximize or minimize")
-    if set(sp.space) - _SPACE_KEYS:
-        bad("space", f"unknown keys {sorted(set(sp.space) - _SPACE_KEYS)}", f"use only {sorted(_SPACE_KEYS)}")
+    known = _SPACE_KEYS | _OPTION_KEYS
+    if set(sp.space) - known:
+        bad("space", f"unknown keys {sorted(set(sp.space) - known)}", f"use only {sorted(known)}")
+    for k in ("scale", "lr_scale", "lr_ratio_B"):
+        if sp.space.get(k) is not None:
+            _check_spec(k, sp.space[k], bad)
+            spec = sp.space[k]
+            values = spec if isinstance(spec, list) else [spec["low"], spec["high"]]
+            if not all(isinstance(x, (int, float)) and x > 0 for x in values):
+                bad(f"space.{k}", f"{spec!r} has values <= 0", f"use positive values, e.g. {k}: [1, 2, 4]")
+    for k, allowed in (("scale_rule", ("lora", "rslora", "constant")), ("lr_rule", ("none", "layers", "sqrt_layers"))):
+        v = sp.space.get(k)
+        if v is not None and not (isinstance(v, list) and v and set(v) <= set(allowed)):
+            bad(f"space.{k}", f"{v!r} is not a non-empty list of {list(allowed)}", f"e.g. {k}: {list(allowed)}")
     for k in ("r0", "n_levels"):
         v = sp.space.get(k)
         if not (isinstance(v, list) and v and all(isinstance(x, int) and x >= 1 for x in v)):
@@ -279,13 +294,37 @@ def sample_levels(trial, space: dict, n_layers: int) -> tuple[list[dict], float 
         shares[1:1] = [{"share": "group", grouping["by"]: int(v)} for v in str(mids).split("-")]
     ranks = rank_schedule(n_levels, r0, decay)
     levels = [{**s, "rank": r, "alpha": alpha} for s, r in zip(shares, ranks)]
-    # ---- pyramid options (scale-lr branch) ---------------------------------------------------------
-    # The scale rule (alpha / r, alpha / sqrt(r), one shared scale) and per-level lr multipliers
-    # are sampled HERE, after the levels exist and before the overlay is built: add their space
-    # keys to _SPACE_KEYS, check them in _validate_space, suggest them from `space`, and write
-    # them into `levels` / the overlay under the field names msplora/config.py defines.
-    # -------------------------------------------------------------------------------------------------
     return levels, lr
+
+
+def sample_options(trial, space: dict, levels: list[dict]) -> dict:
+    """Sample the pyramid's scale / LR options the space asks for; returns the ``model.pyramid``
+    keys (``levels`` included), only those off their defaults (``config.scale_lr_options``).
+
+    ``scale``: the coarsest level's scale s_0; every level's alpha then follows from the rule
+    (``alpha_for_scale(rule, s_0, r_0)``), so rules are compared at one magnitude instead of at
+    one alpha. ``lr_scale``: a multiplier per level after the first (the first trains at the
+    sampled ``lr``).
+    """
+    from msplora.config import scale_lr_options
+    from msplora.pyramid import alpha_for_scale
+
+    rule = _suggest(trial, "scale_rule", space.get("scale_rule")) or "lora"
+    levels = [dict(lv) for lv in levels]
+    if space.get("scale") is not None:
+        alpha = alpha_for_scale(rule, float(_suggest(trial, "scale", space["scale"])), levels[0]["rank"])
+        for lv in levels:
+            lv["alpha"] = alpha
+    lr_scales = None
+    if space.get("lr_scale") is not None and len(levels) > 1:
+        lr_scales = [1.0] + [float(_suggest(trial, f"lr_scale_{k}", space["lr_scale"])) for k in range(1, len(levels))]
+    return scale_lr_options(
+        levels,
+        scale_rule=rule,
+        lr_scales=lr_scales,
+        lr_rule=_suggest(trial, "lr_rule", space.get("lr_rule")) or "none",
+        lr_ratio_B=float(_suggest(trial, "lr_ratio_B", space.get("lr_ratio_B")) or 1.0),
+    )
 
 
 def check_sampleable(sp: Space, n_layers: int, draws: int = 32) -> None:
@@ -304,7 +343,7 @@ def check_sampleable(sp: Space, n_layers: int, draws: int = 32) -> None:
         where = f"enqueue[{i}] {sp.enqueue[i]}" if i < len(sp.enqueue) else "a sampled pyramid"
         try:
             levels, lr = sample_levels(trial, sp.space, n_layers)
-            MSPLoRAConfig(levels=levels)
+            MSPLoRAConfig(**sample_options(trial, sp.space, levels))
         except SearchError:
             raise
         except (ConfigError, ValueError, TypeError) as e:
@@ -315,8 +354,10 @@ def check_sampleable(sp: Space, n_layers: int, draws: int = 32) -> None:
         study.tell(trial, 0.0)
 
 
-def overlay_of(levels: list[dict], lr: float | None) -> dict:
-    model: dict[str, Any] = {"pyramid": {"levels": levels}}
+def overlay_of(levels: list[dict], lr: float | None, options: dict | None = None) -> dict:
+    """The trial's overlay: ``options`` (from :func:`sample_options`) carry the levels with
+    their sampled alphas / multipliers and the pyramid-wide options."""
+    model: dict[str, Any] = {"pyramid": dict(options) if options else {"levels": levels}}
     if lr is not None:
         model["lr"] = float(lr)
     return {"model": model}
