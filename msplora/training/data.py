@@ -31,6 +31,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
+
 __all__ = ["TASKS", "DataError", "GLUEDataModule", "TaskSpec", "get_task", "holdout_split", "load_task"]
 
 HUB_NAME = "nyu-mll/glue"
@@ -550,10 +552,13 @@ class GLUEDataModule(L.LightningDataModule):
         if self.datasets is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         hp = self.hparams
-        return DataLoader(
-            self.datasets[name],
+        dataset = self.datasets[name]
+        # The train loader is resumable mid-epoch (msplora.training.loader); its sampler draws the
+        # order `shuffle=True` drew, so runs started before it existed see the same data.
+        return (ResumableDataLoader if train else DataLoader)(
+            dataset,
             batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(dataset) if train else None,
             collate_fn=self.collator,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
