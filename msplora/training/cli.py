@@ -173,6 +173,11 @@ class MSPLoRACLI(LightningCLI):
                     # killed run logged from the checkpoint's step on, this run logs again.
                     purge_step = checkpoint["global_step"]
                     keep_rows = _keep_metric_rows(root / f"version_{version}" / "metrics.csv", purge_step)
+                    # ModelCheckpoint warns that the folder it writes to is not empty: it is ours.
+                    checkpoints = re.escape(str(root / f"version_{version}" / "checkpoints"))
+                    warnings.filterwarnings(
+                        "ignore", message=f"Checkpoint directory {checkpoints} exists and is not empty"
+                    )
                     # The first attempt's config.yaml stays; this one's is saved beside it.
                     self.save_config_kwargs = {
                         **self.save_config_kwargs,

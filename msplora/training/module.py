@@ -215,20 +215,27 @@ class MSPLoRAModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """``strict_loading`` is off because a checkpoint holds only the trainable tensors; check
-        here that it holds exactly those, so a checkpoint of another pyramid, head or model is
-        refused instead of loading nothing and training on from scratch."""
-        want = {n for n, p in self.named_parameters() if p.requires_grad}
-        have = set(checkpoint.get("state_dict", {}))
+        here that it holds exactly those, with their shapes, and was made with this pyramid, so a
+        checkpoint of another pyramid, head or model is refused instead of loading partly (or not
+        at all) and training on."""
         # Lightning saved the train loaders' states here; see on_train_start.
-        self._loader_states = (
-            checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-        )
-        missing, unexpected = sorted(want - have), sorted(have - want)
-        if missing or unexpected:
-            saved = checkpoint.get("hyper_parameters", {}).get("pyramid")
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = loops.get("combined_loader")
+        want = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
+        have = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        saved = checkpoint.get("hyper_parameters", {}).get("pyramid")
+        problems = []
+        if missing := sorted(want.keys() - have.keys()):
+            problems.append(f"{len(missing)} trainable tensor(s) missing (e.g. {missing[:3]})")
+        if unexpected := sorted(have.keys() - want.keys()):
+            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if reshaped := [f"{k} {have[k]} vs {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]:
+            problems.append(f"{len(reshaped)} of another shape (e.g. {reshaped[:2]})")
+        if saved is not None and saved != self.hparams.get("pyramid"):
+            problems.append("another pyramid")
+        if problems:
             raise msplora.ConfigError(
-                f"ckpt_path: the checkpoint does not fit this model: {len(missing)} trainable tensor(s) missing "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); checkpoint pyramid "
+                f"ckpt_path: the checkpoint does not fit this model: {'; '.join(problems)}; checkpoint pyramid "
                 f"{pyramid_label(saved)}, this model's {pyramid_label(self.hparams.get('pyramid'))}. "
                 "Fix: resume with the model and pyramid the checkpoint was trained with, or start a new fit"
             )
