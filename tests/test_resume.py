@@ -4,6 +4,7 @@ status files, last.ckpt and progress lines."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -23,7 +24,7 @@ import msplora
 from msplora.training.cli import claim_run_dir, cli_main
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 from msplora.training.module import MSPLoRAModule
-from tests.conftest import REPO
+from tests.conftest import REPO, run_ddp_script
 
 CONFIGS = REPO / "configs"
 
@@ -108,6 +109,33 @@ def test_resumable_loader_continues_where_it_stopped(stop, late):
         assert rest == whole[len(loader) :]
 
 
+def test_resumable_loader_replays_a_sampler_with_its_own_generator():
+    """transformers' LengthGroupedSampler (instruction data, group_by_length) draws from its own
+    seeded generator, which a new process recreates at its seed: the state carries it."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    data = list(range(40))
+
+    def loader() -> ResumableDataLoader:
+        sampler = LengthGroupedSampler(4, lengths=[i % 7 for i in data], generator=torch.Generator().manual_seed(0))
+        return ResumableDataLoader(data, batch_size=4, sampler=sampler)
+
+    first = loader()
+    whole = batches(first) + batches(first)  # two epochs: the second is another order
+    assert whole[:10] != whole[10:]
+    for stop in (13, 10):  # inside the second epoch; at the end of the first
+        run = loader()
+        it = iter(run)
+        done = [next(it).tolist() for _ in range(min(stop, 10))]
+        if stop > 10:
+            it = iter(run)
+            done += [next(it).tolist() for _ in range(stop - 10)]
+        state = run.state_dict()
+        fresh = loader()
+        fresh.load_state_dict(state)
+        assert done + batches(fresh) == whole, stop
+
+
 def test_resumable_loader_refuses_a_state_of_another_batch_size():
     data = list(range(50))
     loader = ResumableDataLoader(data, batch_size=7, sampler=ResumableRandomSampler(data))
@@ -184,9 +212,10 @@ def test_killed_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path, ti
         original(self)
         trainer = self.trainer
         seen["state"] = {k: v.clone() for k, v in self.state_dict().items() if k in saved["state_dict"]}
-        seen["optimizer"] = trainer.optimizers[0].state_dict()
-        seen["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
-        seen["callbacks"] = {type(c).__name__: c.state_dict() for c in trainer.callbacks}
+        # state_dict()s hold the live tensors, which training goes on updating: copy them now
+        seen["optimizer"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+        seen["scheduler"] = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())
+        seen["callbacks"] = copy.deepcopy({type(c).__name__: c.state_dict() for c in trainer.callbacks})
 
     monkeypatch.setattr(MSPLoRAModule, "on_train_start", capture)
     cli_main(["fit", *fit_args(killed_root, tiny_bert_dir, *extra), "--ckpt_path=last"])
@@ -224,6 +253,48 @@ def test_killed_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path, ti
     assert status["status"] == "finished" and status["resumed_from"] == str(last)
     assert [h["status"] for h in status["history"]] == ["running"]  # the killed attempt, kept
     assert (run / "config.yaml").exists() and (run / f"config.resumed_at_step_{saved['global_step']}.yaml").exists()
+
+
+DDP_SCRIPT = """
+import sys, torch, msplora
+from msplora.training.cli import cli_main
+cli = cli_main(sys.argv[1:])
+bank = msplora.get_bank(cli.model.model)
+path = f"{cli.trainer.default_root_dir}/rank{cli.trainer.global_rank}.pt"
+torch.save({k: v.detach().clone() for k, v in bank.state_dict().items()}, path)
+"""
+
+
+@pytest.mark.slow
+def test_killed_ddp_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path, tiny_bert_dir):
+    """2 gloo processes: Lightning's DistributedSampler is fast-forwarded, each rank's RNG comes
+    back from the checkpoint; both ranks end with the uninterrupted run's adapter and metrics."""
+    extra = ["--trainer.max_epochs=3", "--last_checkpoint.every_n_steps=2", "--trainer.devices=2"]
+    extra += ["--trainer.strategy=ddp"]  # 40 samples a rank: 3 steps an epoch
+    whole_root, killed_root = tmp_path / "whole", tmp_path / "killed"
+    whole_root.mkdir()
+    whole = run_ddp_script(DDP_SCRIPT, ["fit", *fit_args(whole_root, tiny_bert_dir, *extra)], whole_root)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)  # both ranks run it, both die at step 5
+    proc = subprocess.run(
+        [sys.executable, str(script), "5", *fit_args(killed_root, tiny_bert_dir, *extra)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    last = torch.load(killed_root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4  # mid-epoch: epoch 1 had one batch done
+    resumed = run_ddp_script(
+        DDP_SCRIPT, ["fit", *fit_args(killed_root, tiny_bert_dir, *extra), "--ckpt_path=last"], killed_root
+    )
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-6, rtol=0) for k in whole)  # CPU, same seed
+    a, b = (json.loads((r / "version_0" / "metrics.json").read_text()) for r in (whole_root, killed_root))
+    assert a["value"] == b["value"] and a["global_step"] == b["global_step"] == 9
+    assert all(abs(a["final"][k] - b["final"][k]) <= 1e-6 for k in a["final"])
+    assert sorted(p.name for p in killed_root.glob("version_*")) == ["version_0"]
 
 
 # --------------------------------------------------------------------------- refusals

@@ -262,8 +262,9 @@ class RunStatus(L.Callback):
             write_json_atomic(self.root / "status.json", self.state)
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        log_dir = run_dir(trainer)  # a collective under DDP: every rank asks, whether it needs it or not
         if self.root is None:
-            self.root = run_dir(trainer)
+            self.root = log_dir
         history = self.state.get("history", [])
         old = self.root / "status.json"
         if trainer.is_global_zero and old.exists() and not self.state:  # a resumed run keeps what came before

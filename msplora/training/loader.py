@@ -105,10 +105,18 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._yielded = 0  # batches handed out in the current epoch
         self._pending: dict | None = None  # a loaded state, applied at the next iter()
+        self._generator_at_start: torch.Tensor | None = None  # see _own_generator
 
     @property
     def _shuffler(self) -> ResumableRandomSampler | None:
         return self.sampler if isinstance(self.sampler, ResumableRandomSampler) else None
+
+    @property
+    def _own_generator(self) -> torch.Generator | None:
+        """The generator of a sampler that owns one (transformers' LengthGroupedSampler): its
+        state at the epoch's start fixes the epoch's order."""
+        generator = getattr(self.sampler, "generator", None)
+        return generator if isinstance(generator, torch.Generator) and self._shuffler is None else None
 
     def state_dict(self) -> dict[str, Any]:
         # Lightning builds a checkpoint on every rank (it writes rank 0's), so this collective
@@ -127,6 +135,7 @@ class ResumableDataLoader(DataLoader):
             "batch_size": self.batch_size,
             "num_samples": len(self.sampler),
             "seed": None if shuffler is None else shuffler.seed,
+            "generator": self._generator_states(),
             "world_size": world,
             "rng": rng,
         }
@@ -154,7 +163,16 @@ class ResumableDataLoader(DataLoader):
         # for estimated_stepping_batches, Lightning-AI/pytorch-lightning#20550), and Lightning
         # calls sampler.set_epoch (DistributedSampler) between iter() and the first next().
         self._yielded = 0
+        if (generator := self._own_generator) is not None:
+            self._generator_at_start = generator.get_state()  # before the sampler's draw (first next())
         return self._epoch(super().__iter__())
+
+    def _generator_states(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(state at this epoch's start, state now) of the sampler's own generator, if any."""
+        generator = self._own_generator
+        if generator is None or getattr(self, "_generator_at_start", None) is None:
+            return None
+        return self._generator_at_start, generator.get_state()
 
     def _epoch(self, iterator: Iterator) -> Iterator:
         pending, self._pending = self._pending, None
@@ -167,11 +185,18 @@ class ResumableDataLoader(DataLoader):
     def _resume(self, pending: dict) -> Iterator:
         """The rest of the saved epoch (or the next epoch, if it was complete); ``_yielded`` is
         set to the batches the saved epoch had already handed out."""
+        generator, saved = self._own_generator, pending.get("generator")
         if pending["batches"] >= len(self):
             # Saved after the epoch's last batch: the next epoch starts from the saved RNG, as the
             # uninterrupted run's next epoch did (the iterator and the sampler draw their seeds).
             set_rng_states(pending["rng"])
+            if generator is not None and saved is not None:
+                generator.set_state(saved[1])
+                self._generator_at_start = saved[1]
             return super().__iter__()
+        if generator is not None and saved is not None:  # replay the saved epoch's draw, then skip
+            generator.set_state(saved[0])
+            self._generator_at_start = saved[0]
         skip = pending["batches"]
         shuffler = self._shuffler
         if shuffler is not None and pending["seed"] is not None:

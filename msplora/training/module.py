@@ -291,10 +291,12 @@ class MSPLoRAModule(L.LightningModule):
         best = BestAdapter(monitor, mode)
         ckpt = ModelCheckpoint(monitor=monitor, mode=mode, filename="best", auto_insert_metric_name=False)
         # last.ckpt must be written after the best checkpoint and the best adapter have taken in a
-        # validation, so that it carries their updated state: Lightning runs checkpoint callbacks
-        # last and in list order, and a trainer callback of a type returned here is replaced by it.
-        # So the trainer's LastCheckpoint (the CLI's `last_checkpoint` settings) is returned again,
-        # after ModelCheckpoint; `trainer.checkpoint_callback` stays the best one (ckpt_path="best").
+        # validation, so that it carries their updated state. Lightning runs checkpoint callbacks
+        # last, in list order, trainer callbacks before these. So the trainer's LastCheckpoint (the
+        # CLI's `last_checkpoint` settings) moves here, after ModelCheckpoint, which stays
+        # `trainer.checkpoint_callback` (ckpt_path="best").
         trainer = self._trainer
         last = next((c for c in (trainer.callbacks if trainer else []) if isinstance(c, LastCheckpoint)), None)
+        if last is not None:
+            trainer.callbacks.remove(last)
         return [ckpt, last or LastCheckpoint(), best, MetricsJSON(best)]
