@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import msplora
+from msplora.training.callbacks import AtomicCheckpointIO, LineProgress, progress_bar
 from msplora.training.cli import claim_run_dir, cli_main
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 from msplora.training.module import MSPLoRAModule
@@ -392,3 +393,24 @@ def test_progress_bar_flag_turns_it_off_with_base_config(tmp_path, tiny_bert_dir
     )
     assert "steps/s ETA" not in capsys.readouterr().out
     assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_checkpoint_write_is_all_or_nothing(tmp_path):
+    """A save that fails half-way leaves the previous checkpoint whole and no temporary file."""
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="pickle"):
+        io.save_checkpoint({"step": torch.tensor(2), "bad": lambda: None}, path)  # torch.save fails mid-way
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_progress_is_the_rich_bar_on_a_terminal(monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert isinstance(progress_bar(), RichProgressBar)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert isinstance(progress_bar(), LineProgress)
