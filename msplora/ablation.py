@@ -218,6 +218,7 @@ def run_signature(args: list[str], ratio: float | None) -> str:
 # stays valid when only these change (a comment, a progress bar, a logger), so long GLUE results
 # survive such edits of configs/base.yaml; any other key, a new callback included, makes it stale.
 _NO_OUTCOME_KEYS = {"trainer": ("enable_progress_bar", "default_root_dir", "logger", "log_every_n_steps")}
+_NO_OUTCOME_SECTIONS = ("last_checkpoint",)  # when last.ckpt is written
 _NO_OUTCOME_CALLBACKS = (
     "lightning.pytorch.callbacks.RichProgressBar",
     "lightning.pytorch.callbacks.TQDMProgressBar",
@@ -232,6 +233,7 @@ def _outcome_keys(path: Path) -> object:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         return data
+    data = {k: v for k, v in data.items() if k not in _NO_OUTCOME_SECTIONS}
     for section, keys in _NO_OUTCOME_KEYS.items():
         if isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if k not in keys}

@@ -1,14 +1,23 @@
-"""Callbacks every fit gets: checkpoint the best, export it as an adapter, write metrics.json."""
+"""Callbacks every fit gets: checkpoint the best, export it as an adapter, write metrics.json,
+keep ``last.ckpt`` current, say how the run ended (status.json) and show progress."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import socket
+import sys
+import tempfile
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import msplora
 from msplora.io import write_json_atomic
@@ -66,6 +75,7 @@ class MetricsJSON(L.Callback):
     def __init__(self, best: BestAdapter) -> None:
         self.best = best
         self.t0 = time.perf_counter()
+        self.earlier_s = 0.0  # wall time of the fit before a resume (from the checkpoint)
         self.root: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
@@ -94,7 +104,7 @@ class MetricsJSON(L.Callback):
                 best_epoch=self.best.best_epoch,
                 epochs=trainer.current_epoch,
                 global_step=trainer.global_step,
-                wall_time_s=round(time.perf_counter() - self.t0, 1),
+                wall_time_s=round(self.earlier_s + time.perf_counter() - self.t0, 1),
             )
             baseline = majority_baseline(dm)
             if baseline is not None:
@@ -117,6 +127,12 @@ class MetricsJSON(L.Callback):
         if trainer.state.fn == "validate":
             self._write(trainer, pl_module, "val")
 
+    def state_dict(self) -> dict:
+        return {"wall_time_s": self.earlier_s + time.perf_counter() - self.t0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier_s = state.get("wall_time_s", 0.0)
+
 
 def majority_baseline(dm) -> float | None:
     """Accuracy of always predicting the most common validation label (classification only)."""
@@ -125,3 +141,246 @@ def majority_baseline(dm) -> float | None:
         return None
     labels = raw["validation"]["label"]
     return max(Counter(labels).values()) / len(labels)
+
+
+# --------------------------------------------------------------------------- training state
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, fsync, then rename over it: a kill at
+    any moment leaves the previous checkpoint or the new one, never half of one. (Lightning's own
+    save goes through a temporary file in the system temp folder and ``shutil.move``, which is a
+    copy, not a rename, when that folder is on another file system.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates right after this training batch (its rule, from public
+    attributes: every ``val_check_batch`` batches of the epoch, or of the whole fit when
+    ``check_val_every_n_epoch`` is None)."""
+    if not trainer.enable_validation:
+        return False
+    every = trainer.check_val_every_n_epoch
+    if every is not None and (trainer.current_epoch + 1) % every != 0:
+        return False
+    interval = trainer.val_check_batch
+    if interval is None or math.isinf(interval):
+        return batch_idx + 1 == trainer.num_training_batches
+    index = trainer.fit_loop.total_batch_idx if every is None else batch_idx
+    return (index + 1) % int(interval) == 0
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``<run>/checkpoints/last.ckpt`` current: the whole training state (adapter and head,
+    AdamW moments, LR schedule, loop counters, the position in the data and the RNG states,
+    callback states), so that ``fit --ckpt_path last`` after a crash goes on as if nothing happened.
+
+    Written atomically every ``every_n_steps`` optimizer steps, at the end of every validation
+    (``on_validation``) and when the fit ends. A step whose batch is followed by a validation is
+    written after that validation, not before: Lightning resumes such a checkpoint past the
+    validation, which would then never run.
+    """
+
+    def __init__(self, every_n_steps: int = 50, on_validation: bool = True, filename: str = "last.ckpt") -> None:
+        """
+        Args:
+            every_n_steps: write every N optimizer steps (0: only at validations and the end).
+            on_validation: write at the end of every validation during fit.
+            filename: name inside ``<run>/checkpoints/``.
+        """
+        if every_n_steps < 0:
+            raise msplora.ConfigError(
+                f"last_checkpoint.every_n_steps: {every_n_steps} is negative. Fix: use 0 (off) or a step count"
+            )
+        self.every_n_steps, self.on_validation, self.filename = every_n_steps, on_validation, filename
+        self.path: Path | None = None
+        self.saved_step: int | None = None  # global step of the latest write in this process
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self.path = run_dir(trainer) / "checkpoints" / self.filename
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own IO plugin stays
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)  # a collective under DDP; rank 0 writes
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self.saved_step:
+            return
+        stepped = (
+            batch_idx + 1
+        ) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+        if stepped and not (self.on_validation and _validation_follows(trainer, batch_idx)):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.on_validation and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step != self.saved_step and not trainer.fast_dev_run:
+            self._save(trainer)
+
+
+class RunStatus(L.Callback):
+    """``<run>/status.json``: running (with pid and host), then finished, failed (with the error)
+    or interrupted, so tools can tell a finished run from a crashed or a running one. A fresh fit
+    that fails before its first step removes its run folder (it holds nothing worth keeping).
+
+    Args:
+        root: the run folder (the CLI claims it); None = ``trainer.log_dir``.
+        fresh: the folder was created for this run (not a resumed one): it may be removed.
+        resumed_from: the checkpoint a resumed fit started from, recorded in the file.
+    """
+
+    def __init__(self, root: Path | None = None, fresh: bool = True, resumed_from: str | None = None) -> None:
+        self.root, self.fresh, self.resumed_from = root, fresh, resumed_from
+        self.state: dict = {}
+        self.failed = False
+
+    def _write(self, trainer: L.Trainer, **fields) -> None:
+        self.state.update(fields, global_step=trainer.global_step)
+        if trainer.is_global_zero and self.root is not None and self.root.exists():
+            write_json_atomic(self.root / "status.json", self.state)
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        log_dir = run_dir(trainer)  # a collective under DDP: every rank asks, whether it needs it or not
+        if self.root is None:
+            self.root = log_dir
+        history = self.state.get("history", [])
+        old = self.root / "status.json"
+        if trainer.is_global_zero and old.exists() and not self.state:  # a resumed run keeps what came before
+            try:
+                prev = json.loads(old.read_text())
+                history = [*prev.get("history", []), {k: v for k, v in prev.items() if k != "history"}]
+            except (OSError, ValueError):
+                pass
+        self.state = {
+            "status": "running",
+            "stage": stage,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _now(),
+            "resumed_from": self.resumed_from,
+            **({"history": history} if history else {}),
+        }
+        self._write(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self.failed = True
+        if trainer.is_global_zero and self.fresh and trainer.global_step == 0 and self.root is not None:
+            if not any(self.root.glob("checkpoints/*.ckpt")):
+                import shutil
+
+                shutil.rmtree(self.root, ignore_errors=True)
+                return
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        message = str(exception).strip().splitlines()
+        error = f"{type(exception).__name__}: {message[0] if message else ''}"
+        self._write(trainer, status=status, error=error, ended=_now())
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if not self.failed:
+            self._write(trainer, status="finished", ended=_now())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines, for output that is not a terminal (CI logs, nohup, ``tee``),
+    where a live bar prints nothing until the end: every ``every_n_steps`` optimizer steps
+    (default: the trainer's ``log_every_n_steps``) one line with epoch, step, the progress-bar
+    metrics (train loss), speed and ETA; one line per validation with its metrics."""
+
+    def __init__(self, every_n_steps: int | None = None, stream=None) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.stream = stream
+        self._enabled = True
+        self._t0 = self._step0 = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _line(self, text: str) -> None:
+        if self._enabled and self.trainer.is_global_zero:
+            print(text, file=self.stream or sys.stdout, flush=True)
+
+    def _metrics(self, trainer, pl_module, prefix: str) -> str:
+        items = self.get_metrics(trainer, pl_module)
+        return " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in items.items() if k.startswith(prefix)
+        )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+        total = trainer.estimated_stepping_batches
+        self._line(f"fit: {total if math.isfinite(total) else '?'} steps, starting at step {trainer.global_step}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        every = self.every_n_steps or trainer.log_every_n_steps or 1
+        step = trainer.global_step
+        if step == 0 or step % every or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        elapsed = time.perf_counter() - self._t0
+        rate = (step - self._step0) / elapsed if elapsed > 0 else 0.0  # steps / s since this fit started
+        total = trainer.estimated_stepping_batches
+        eta = _duration((total - step) / rate) if rate > 0 and math.isfinite(total) else "?"
+        of = f"/{int(total)}" if math.isfinite(total) else ""
+        self._line(
+            f"epoch {trainer.current_epoch} step {step}{of} {self._metrics(trainer, pl_module, 'train')} "
+            f"{rate:.2f} steps/s ETA {eta}"
+        )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val", "test"))}
+        text = " ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+        self._line(f"validation at step {trainer.global_step}: {text}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        self._line(f"fit done: step {trainer.global_step} in {_duration(elapsed)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def progress_bar(every_n_steps: int | None = None) -> ProgressBar:
+    """The Rich bar on a terminal; lines (``LineProgress``) when stdout is a file or a pipe."""
+    if sys.stdout.isatty():
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar()
+    return LineProgress(every_n_steps)

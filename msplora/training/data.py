@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from msplora.hf import check_model_name
+from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 
 __all__ = ["TASKS", "DataError", "GLUEDataModule", "TaskSpec", "get_task", "holdout_split", "load_task"]
 
@@ -600,10 +601,13 @@ class GLUEDataModule(L.LightningDataModule):
         if self.datasets is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         hp = self.hparams
-        return DataLoader(
-            self.datasets[name],
+        dataset = self.datasets[name]
+        # The train loader is resumable mid-epoch (msplora.training.loader); its sampler draws the
+        # order `shuffle=True` drew, so runs started before it existed see the same data.
+        return (ResumableDataLoader if train else DataLoader)(
+            dataset,
             batch_size=hp.batch_size if train else hp.eval_batch_size or hp.batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(dataset) if train else None,
             collate_fn=self.collator,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,

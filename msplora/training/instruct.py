@@ -44,6 +44,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
+
 __all__ = [
     "IGNORE_INDEX",
     "InstructionCollator",
@@ -696,10 +698,12 @@ class InstructionDataModule(L.LightningDataModule):
             lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
             generator = torch.Generator().manual_seed(self.seed)
             sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-        return DataLoader(
+        if shuffle and sampler is None:
+            # Draws the order shuffle=True drew; with ResumableDataLoader, resumable mid-epoch.
+            sampler = ResumableRandomSampler(self.datasets[split])
+        return (ResumableDataLoader if shuffle else DataLoader)(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=InstructionCollator(pad if pad is not None else 0),

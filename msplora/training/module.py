@@ -37,6 +37,17 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
+def pyramid_label(pyramid: dict | None) -> str:
+    """One line for a pyramid dict (``MSPLoRAConfig.to_dict()``): levels, ranks, targets."""
+    if not pyramid:
+        return "(paper defaults)"
+    levels = ", ".join(
+        f"{lv.get('share')} r{lv.get('rank')}" + (f" x{lv['groups']}" if lv.get("groups") else "")
+        for lv in pyramid.get("levels", [])
+    )
+    return f"[{levels}] on {pyramid.get('targets')}"
+
+
 def head_modules(model: nn.Module) -> list[str]:
     """Top-level children outside the backbone that hold parameters: the task head."""
     prefix = getattr(model, "base_model_prefix", None)
@@ -80,6 +91,7 @@ class MSPLoRAModule(L.LightningModule):
         self.hparams["pyramid"] = None if pyramid is None else pyramid.to_dict()
         self.model: nn.Module | None = None
         self.spec = None
+        self._loader_states: list[dict] | None = None  # from a checkpoint, for on_train_start
         self.strict_loading = False  # checkpoints hold only adapter + head
         self.val_metrics = nn.ModuleList()
         self.test_metrics = nn.ModuleList()
@@ -232,6 +244,53 @@ class MSPLoRAModule(L.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``strict_loading`` is off because a checkpoint holds only the trainable tensors; check
+        here that it holds exactly those, with their shapes, and was made with this pyramid, so a
+        checkpoint of another pyramid, head or model is refused instead of loading partly (or not
+        at all) and training on."""
+        # Lightning saved the train loaders' states here; see on_train_start.
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = loops.get("combined_loader")
+        want = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
+        have = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        saved = checkpoint.get("hyper_parameters", {}).get("pyramid")
+        problems = []
+        if missing := sorted(want.keys() - have.keys()):
+            problems.append(f"{len(missing)} trainable tensor(s) missing (e.g. {missing[:3]})")
+        if unexpected := sorted(have.keys() - want.keys()):
+            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if reshaped := [f"{k} {have[k]} vs {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]:
+            problems.append(f"{len(reshaped)} of another shape (e.g. {reshaped[:2]})")
+        if saved is not None and saved != self.hparams.get("pyramid"):
+            problems.append("another pyramid")
+        if problems:
+            raise msplora.ConfigError(
+                f"ckpt_path: the checkpoint does not fit this model: {'; '.join(problems)}; checkpoint pyramid "
+                f"{pyramid_label(saved)}, this model's {pyramid_label(self.hparams.get('pyramid'))}. "
+                "Fix: resume with the model and pyramid the checkpoint was trained with, or start a new fit"
+            )
+
+    def on_train_start(self) -> None:
+        """Hand the checkpoint's data position to the train loaders. Lightning does so itself unless
+        the train loader was built before the loops were restored, which happens whenever
+        configure_optimizers reads ``trainer.estimated_stepping_batches`` (Lightning-AI/
+        pytorch-lightning#20550, open): the state would then be dropped and the resumed epoch
+        would start over. Loading it twice (once the bug is fixed) is harmless: the loader takes
+        the state at its first batch, which comes after this hook."""
+        from msplora.training.loader import ResumableDataLoader
+
+        states, self._loader_states = getattr(self, "_loader_states", None), None
+        if not states:
+            return
+        loaders = self.trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        stateful = [dl for dl in loaders if hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict")]
+        for loader, state in zip(stateful, states):
+            if isinstance(loader, ResumableDataLoader):
+                loader.load_state_dict(state)
+
     def trainable_summary(self) -> dict:
         """Trainable counts of this run and of plain LoRA r=8 with the same head and targets."""
         bank = msplora.get_bank(self.model)
@@ -256,12 +315,19 @@ class MSPLoRAModule(L.LightningModule):
         """Selection follows the task's metric, which is known only once the data is."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        from msplora.training.callbacks import BestAdapter, MetricsJSON
+        from msplora.training.callbacks import BestAdapter, LastCheckpoint, MetricsJSON
 
         self._resolve_problem()
         monitor, mode = self.monitor
         best = BestAdapter(monitor, mode)
-        ckpt = ModelCheckpoint(
-            monitor=monitor, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False
-        )
-        return [ckpt, best, MetricsJSON(best)]
+        ckpt = ModelCheckpoint(monitor=monitor, mode=mode, filename="best", auto_insert_metric_name=False)
+        # last.ckpt must be written after the best checkpoint and the best adapter have taken in a
+        # validation, so that it carries their updated state. Lightning runs checkpoint callbacks
+        # last, in list order, trainer callbacks before these. So the trainer's LastCheckpoint (the
+        # CLI's `last_checkpoint` settings) moves here, after ModelCheckpoint, which stays
+        # `trainer.checkpoint_callback` (ckpt_path="best").
+        trainer = self._trainer
+        last = next((c for c in (trainer.callbacks if trainer else []) if isinstance(c, LastCheckpoint)), None)
+        if last is not None:
+            trainer.callbacks.remove(last)
+        return [ckpt, last or LastCheckpoint(), best, MetricsJSON(best)]
