@@ -180,7 +180,7 @@ def explain_parse_error(
         choices = _class_keys(classes[-1]) if classes else []
         where = f"{key}.{unknown}" if key else unknown
         owner = f" ({classes[-1]})" if classes else ""
-        return f"--{where}: unknown key{owner}. Fix: {_choose(unknown, choices, help_fix)}"
+        return f"--{where}: unknown key{owner}. Fix: {_choose(unknown, choices, help_fix, prefix=key, list_prefixed=False)}"
     m = _SUBCOMMAND_KEY.search(innermost)
     if m:
         return _unknown_option(m.group(2), valid_keys, help_fix)
@@ -213,17 +213,17 @@ def _unknown_option(key: str, valid_keys: Callable[[str], Iterable[str]] | None,
     return f"--{key}: unknown option. Fix: {_choose(leaf, choices, help_fix, prefix=parent)}"
 
 
-def _choose(unknown: str, choices: Sequence[str], help_fix: str, prefix: str = "") -> str:
-    """The fix for an unknown key: every valid key when they are few, else the closest ones."""
+def _choose(unknown: str, choices: Sequence[str], help_fix: str, prefix: str = "", list_prefixed: bool = True) -> str:
+    """The fix for an unknown key: the closest valid keys first, then every valid key when they
+    are few enough for one line (else the help command)."""
     if not choices:
         return help_fix
-    full = [f"{prefix}.{c}" if prefix else c for c in choices]
-    if len(choices) <= 12:
-        return f"use one of {', '.join(full)}"
+    full = [f"{prefix}.{c}" if prefix and list_prefixed else c for c in choices]
     close = difflib.get_close_matches(unknown, choices, n=3, cutoff=0.5)
-    if close:
-        return f"did you mean {' or '.join(f'--{prefix}.{c}' if prefix else f'--{c}' for c in close)}? ({help_fix})"
-    return help_fix
+    mean = f"did you mean {' or '.join(f'--{prefix}.{c}' if prefix else f'--{c}' for c in close)}? " if close else ""
+    if len(choices) <= 20:
+        return f"{mean}valid keys: {', '.join(full)}" if mean else f"use one of {', '.join(full)}"
+    return f"{mean}({help_fix})" if mean else help_fix
 
 
 def _class_keys(class_path: str) -> list[str]:
