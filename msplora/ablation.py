@@ -224,7 +224,6 @@ _NO_OUTCOME_CALLBACKS = (
     "lightning.pytorch.callbacks.TQDMProgressBar",
     "lightning.pytorch.callbacks.LearningRateMonitor",
     "msplora.analysis.SpectrumRecorder",
-    "msplora.training.progress.LineProgressBar",
 )
 
 
