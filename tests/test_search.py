@@ -400,7 +400,9 @@ def _wait_for_running(storage: str, proc, n_complete: int):
         except KeyError:  # not created yet
             continue
         if sum(t.state.name == "COMPLETE" for t in trials) >= n_complete:
-            running = [t for t in trials if t.state.name == "RUNNING" and "worker_pid" in t.user_attrs]
+            # "overlay" is set once every parameter is sampled: a kill before that would leave a
+            # trial with only some params, whose retry rightly samples the rest anew.
+            running = [t for t in trials if t.state.name == "RUNNING" and "overlay" in t.user_attrs]
             if running:
                 return running[0]
     proc.kill()
