@@ -1,6 +1,8 @@
 """``msplora <command>`` / ``python -m msplora <command>``: every command behind one error boundary.
 
-    fit | validate | test | predict   LightningCLI (``msplora fit --help`` lists every option)
+    fit                               one fit through the run API (msplora.training.run); LightningCLI
+                                      composes the config (``msplora fit --help`` lists every option)
+    validate | test | predict         LightningCLI
     summary RUN_DIR                   a run's metrics.json as a table and one JSON line
     analyze RUN [--against LORA_RUN]  singular-value spectra and cross-layer KL plots
     answer --questions Q --model-id N MT-bench answers in FastChat format
@@ -23,7 +25,7 @@ from collections.abc import Callable
 # command -> (module, function, one-line help); imported only when run: `msplora --help` and
 # `msplora summary` need neither Lightning nor a model.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "fit": ("msplora.training.cli", "fit", "train an adapter (LightningCLI; --config files compose)"),
+    "fit": ("msplora.training.run", "fit_main", "train an adapter (--config files and --key=value compose)"),
     "validate": ("msplora.training.cli", "validate", "evaluate on the validation split(s)"),
     "test": ("msplora.training.cli", "test", "evaluate on the test split(s)"),
     "predict": ("msplora.training.cli", "predict", "run prediction"),
@@ -35,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "search": ("msplora.search.cli", "main", "Optuna search over pyramids: run / worker / report"),
     "bench": ("msplora.bench", "main", "training-step and inference timing"),
 }
-LIGHTNING = ("fit", "validate", "test", "predict")
+LIGHTNING = ("validate", "test", "predict")
 
 
 def usage() -> str:

@@ -29,6 +29,7 @@ Usage (see the Makefile)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -128,81 +129,100 @@ def task_config(task: str, config: str | None) -> Path:
     return path
 
 
-def base_args(overlay: Path, cfg: Path, steps: int | None, extra: list[str]) -> list[str]:
-    args = [
-        "--config",
-        str(CONFIGS / "base.yaml"),
-        "--config",
-        str(cfg),
-        "--config",
-        str(overlay),
-        f"--data.init_args.val_fraction={VAL_FRACTION}",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_checkpointing=true",
-    ]
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One variant on one task, bar its LR and seed: config files (base, task, overlay), the
+    runner's typed overrides, then the user's EXTRA command-line overrides."""
+
+    configs: tuple[Path, ...]
+    overrides: dict
+    extra: tuple[str, ...] = ()
+
+    def as_args(self) -> list[str]:
+        """The command-line form (``--config F ... --key=value ...``): what the signature hashes."""
+        from msplora.training.run import override_args
+
+        return [x for c in self.configs for x in ("--config", str(c))] + override_args(self.overrides) + [*self.extra]
+
+
+# Set per run by the runner: an EXTRA override of these would be silently replaced (or, for the
+# seed and LR, would make every run of the sweep the same).
+_RUNNER_KEYS = ("--model.lr", "--model.head_lr", "--seed_everything", "--trainer.default_root_dir")
+
+
+def base_recipe(overlay: Path, cfg: Path, steps: int | None, extra: list[str]) -> Recipe:
+    for a in extra:
+        if a.split("=", 1)[0] in _RUNNER_KEYS:
+            raise AblationError(
+                f"{a.split('=', 1)[0]} in the extra overrides: the runner sets it for each run. "
+                'Fix: drop it; choose LRs with --lrs "a b c" (LRS=), seeds with --seeds'
+            )
+    overrides: dict = {
+        "data.init_args.val_fraction": VAL_FRACTION,
+        "trainer.num_sanity_val_steps": 0,
+        "trainer.enable_checkpointing": True,
+    }
     if steps is not None:
         # A fixed step budget, validated once at the end (the selection metric of the sweep).
-        args += [
-            f"--trainer.max_steps={steps}",
-            "--trainer.max_epochs=-1",
-            f"--trainer.val_check_interval={steps}",
-            "--trainer.check_val_every_n_epoch=null",
-        ]
-    return args + list(extra)
+        overrides |= {
+            "trainer.max_steps": steps,
+            "trainer.max_epochs": -1,
+            "trainer.val_check_interval": steps,
+            "trainer.check_val_every_n_epoch": None,
+        }
+    return Recipe((CONFIGS / "base.yaml", cfg, overlay), overrides, tuple(extra))
 
 
-def parse(args: list[str]):
+def parse(recipe: Recipe):
     """The composed config, parsed and instantiated (no model weights loaded)."""
-    from msplora.training.cli import cli_main
+    from msplora.training.run import compose
 
-    return cli_main(args, run=False, exit_on_error=False)  # a bad override: one line (msplora.errors)
+    return compose(recipe.configs, recipe.overrides, recipe.extra)  # a bad override: one line (msplora.errors)
 
 
-def fit_and_test(args: list[str], run_dir: Path) -> dict:
+def fit_and_test(recipe: Recipe, lr: float, seed: int, ratio: float | None, run_dir: Path) -> dict:
     """One fit + test on the dev split (best checkpoint); returns the run's record."""
-    from msplora.training.cli import cli_main
+    from msplora.training.run import compose, fit
 
     if run_dir.exists():  # leftovers of an interrupted run
         shutil.rmtree(run_dir)
-    t0 = time.perf_counter()
-    cli = cli_main(["fit", *args, f"--trainer.default_root_dir={run_dir}"], exit_on_error=False)
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
-    wall = time.perf_counter() - t0
-    log_dir = Path(cli.trainer.log_dir)
-    m = json.loads((log_dir / "metrics.json").read_text())
-    metric = m["metric"]
-    tests = {k: v for k, v in m["final"].items() if k.startswith("test") and k.endswith(f"/{metric}")}
-    bank_kinds = __import__("msplora").get_bank(cli.model.model).kinds
+    per_run = {"model.lr": lr, "seed_everything": seed}
+    if ratio is not None:
+        per_run["model.head_lr"] = lr * ratio
+    setup = compose(recipe.configs, {**recipe.overrides, **per_run}, recipe.extra, root_dir=run_dir)
+    r = fit(setup, test=True)
+    bank_kinds = __import__("msplora").get_bank(setup.model.model).kinds
     n_layers = len(next(iter(bank_kinds.values())).layer_ids)
-    levels = cli.model.hparams["pyramid"]["levels"]
+    levels = setup.model.hparams["pyramid"]["levels"]
+    tests = {k: v for k, v in r.test.items() if k.endswith(f"/{r.metric}")}
     return {
-        "task": m["task"],
-        "model": m["model"],
-        "metric": metric,
-        "val": m["value"],
-        "test": tests[sorted(tests)[0]],
+        "task": r.task,
+        "model": r.model,
+        "metric": r.metric,
+        "val": r.value,
+        "test": r.test_value,
         "test_all": tests,
-        "lr": cli.model.hparams.lr,
-        "head_lr": cli.model.hparams.head_lr,
-        "seed": cli.config["fit"]["seed_everything"],
+        "lr": r.lr,
+        "head_lr": r.head_lr,
+        "seed": r.seed,
         "levels": levels_label(levels, n_layers),
         "n_layers": n_layers,
-        "trainable_params": m["trainable_params"],
-        "adapter_params": m["adapter_params"],
-        "lora_r8_adapter_params": m["lora_r8_adapter_params"],
-        "lora_r8_params": m["lora_r8_params"],
-        "params_per_level": m["params_per_level"],
-        "majority_baseline": m.get("majority_baseline"),
-        "global_step": m["global_step"],
-        "wall_time_s": round(wall, 1),
-        "fit_wall_time_s": m["wall_time_s"],
-        "run_dir": str(log_dir),
-        "config": yaml.safe_load((log_dir / "config.yaml").read_text()),
-        "metrics": m,
+        "trainable_params": r.trainable_params,
+        "adapter_params": r.adapter_params,
+        "lora_r8_adapter_params": r.lora_r8_adapter_params,
+        "lora_r8_params": r.lora_r8_params,
+        "params_per_level": r.params_per_level,
+        "majority_baseline": r.majority_baseline,
+        "global_step": r.global_step,
+        "wall_time_s": r.wall_time_s,
+        "fit_wall_time_s": r.fit_wall_time_s,
+        "run_dir": str(r.run_dir),
+        "config": setup.config_dict(),
+        "metrics": r.metrics,
     }
 
 
-def run_signature(args: list[str], ratio: float | None) -> str:
+def run_signature(args: Recipe | list[str], ratio: float | None) -> str:
     """The settings of one run, bar its LR and seed (those are checked on their own).
 
     Config files count by their parsed content, not path or comments: editing a key of an overlay
@@ -210,6 +230,8 @@ def run_signature(args: list[str], ratio: float | None) -> str:
     progress/logging setting (:data:`_NO_OUTCOME_KEYS`) keeps them. A finished run at an LR counts for any
     grid that holds that LR.
     """
+    if isinstance(args, Recipe):
+        args = args.as_args()
     parts = [_outcome_keys(Path(a)) if prev == "--config" else a for prev, a in zip(["", *args], args)]
     return hashlib.sha1(json.dumps([parts, ratio], sort_keys=True).encode()).hexdigest()[:12]
 
@@ -297,30 +319,27 @@ def run_variant(
 ) -> list[dict]:
     overlay = variant_path(name, folder)
     cfg = task_config(task, config)
-    args = base_args(overlay, cfg, steps, extra)
-    cli = parse(args)  # fail fast on a bad overlay / override, and read lr, head_lr, task
-    data_task = cli.datamodule.hparams.task
+    recipe = base_recipe(overlay, cfg, steps, extra)
+    setup = parse(recipe)  # fail fast on a bad overlay / override, and read lr, head_lr, task
+    data_task = setup.datamodule.hparams.task
     if data_task != task:
         raise AblationError(
             f"--task {task} but the config {cfg} trains {data_task!r}. "
             f"Fix: pass --task {data_task} (TASK={data_task}), or a config for {task}"
         )
-    lr0, head0 = cli.model.hparams.lr, cli.model.hparams.head_lr
+    lr0, head0 = setup.model.hparams.lr, setup.model.hparams.head_lr
     ratio = None if head0 is None else head0 / lr0
     lrs = lrs or (list(EMBEDDED_LRS) if is_embedded(task, config) else [lr0 * 0.5, lr0, lr0 * 2])
     out = root / task / name
-    signature = run_signature(args, ratio)
+    signature = run_signature(recipe, ratio)
 
     def run_one(lr: float, seed: int, path: Path) -> dict:
         rec = _read(path, signature, lr, seed)
         if rec is not None:
             log(f"[{name}] lr={lr_tag(lr)} seed={seed}: done before ({rec['test']:.4f}), skipped")
             return rec
-        run_args = [*args, f"--model.lr={lr}", f"--seed_everything={seed}"]
-        if ratio is not None:
-            run_args.append(f"--model.head_lr={lr * ratio}")
         log(f"[{name}] lr={lr_tag(lr)} seed={seed}: running")
-        rec = fit_and_test(run_args, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
+        rec = fit_and_test(recipe, lr, seed, ratio, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
         rec.update(variant=name, hypothesis=hypothesis(overlay), signature=signature, overlay=overlay.read_text())
         write_json_atomic(path, rec)
         log(

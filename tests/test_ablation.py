@@ -44,13 +44,13 @@ TINY = [
 
 def composed(name: str, model_dir: Path, *extra: str):
     """The CLI's parse of base + demo + overlay (+ extra), as the runner builds it."""
-    args = ablation.base_args(
+    recipe = ablation.base_recipe(
         ablation.variant_path(name),
         ablation.task_config("sentiment", None),
         None,
         [f"--model.model={model_dir}", *TINY, *extra],
     )
-    return args, cli_main(args, run=False)
+    return recipe.as_args(), ablation.parse(recipe).cli
 
 
 def test_the_issue_s_variants_all_exist():
@@ -155,9 +155,7 @@ def fake_fit(monkeypatch):
     calls: list[tuple[float, int]] = []
     fail_at: dict = {}
 
-    def fit_and_test(args, run_dir):
-        lr = float(next(a for a in reversed(args) if a.startswith("--model.lr=")).split("=")[1])
-        seed = int(next(a for a in reversed(args) if a.startswith("--seed_everything=")).split("=")[1])
+    def fit_and_test(recipe, lr, seed, ratio, run_dir):
         if (lr, seed) == fail_at.get("at"):
             raise KeyboardInterrupt
         calls.append((lr, seed))

@@ -39,6 +39,7 @@ from msplora.search import (
     work,
     worker_devices,
 )
+from msplora.training.run import RunResult
 from tests.conftest import REPO
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -181,7 +182,7 @@ def fake_fit(trial, overlay, root, ctx):
     time.sleep(float(os.environ.get("FAKE_FIT_SLEEP", "0")))
     ranks = [lv["rank"] for lv in overlay["model"]["pyramid"]["levels"]]
     n = adapter_params(overlay["model"]["pyramid"]["levels"], ctx.info)
-    return {"value": 0.5 + 0.01 * sum(ranks) / (1 + len(ranks)), "trainable_params": n + 770, "monitor": "val/accuracy"}
+    return RunResult(value=0.5 + 0.01 * sum(ranks) / (1 + len(ranks)), trainable_params=n + 770, monitor="val/accuracy")
 
 
 def failing_fit(trial, overlay, root, ctx):

@@ -4,10 +4,10 @@ objective(trial)
   |- worker_host / worker_pid user attrs first (run fails a dead worker's trial by them)
   |- past the study's N slots?  -> closed untrained as SURPLUS, this worker stops
   |- sample_levels -> overlay -> over the parameter budget? -> PRUNED, not trained
-  `- fit_trial: run_fit(configs + fit_args + overlay)  [rank 0 of a DDP trial]
+  `- fit_trial: run_fit(configs, overlay, fit_args + EXTRA)  [rank 0 of a DDP trial]
          DDP ranks 1..: Lightning re-runs the worker command; the rank finds
-         MSPLORA_SEARCH_TRIAL_DIR (set by rank 0) and trains fit.json's args there with
-         rank 0's overlay; it never opens the study. Pruning is decided on rank 0 and
+         MSPLORA_SEARCH_TRIAL_DIR (set by rank 0) and trains fit.json's configs and args
+         there with rank 0's overlay; it never opens the study. Pruning is decided on rank 0 and
          broadcast, so every rank leaves fit together.
 """
 
@@ -34,6 +34,7 @@ from msplora.search.space import (
     shape_of,
 )
 from msplora.search.study import HOST, LIVE, space_of
+from msplora.training.run import RunResult
 
 ENV_TRIAL_DIR = "MSPLORA_SEARCH_TRIAL_DIR"  # set by rank 0 for the DDP ranks Lightning starts
 
@@ -42,11 +43,12 @@ ENV_TRIAL_DIR = "MSPLORA_SEARCH_TRIAL_DIR"  # set by rank 0 for the DDP ranks Li
 class TrialContext:
     space: Space
     info: ModelInfo
-    fit_args: list[str]  # configs + fit_args + extra, without the overlay
+    configs: list[str]  # the space's config files; the trial's overlay goes after them
+    fit_args: list[str]  # the space's fit_args + EXTRA (command-line overrides, as typed)
     out: Path  # results/search/<study>
 
 
-FitFn = Callable[..., dict]  # (trial or None, overlay, root, ctx) -> metrics
+FitFn = Callable[..., RunResult]  # (trial or None, overlay, root, ctx) -> the fit's result
 
 
 class Surplus(Exception):
@@ -54,39 +56,52 @@ class Surplus(Exception):
 
 
 def compose_fit_args(sp: Space, extra: list[str]) -> list[str]:
+    """The study's stored form of what every trial composes: ``--config`` per space config, the
+    space's fit_args, then EXTRA (stored in the study, compared on a rerun; kept as it always was,
+    so studies made before stay readable)."""
     out: list[str] = []
     for c in sp.configs:
         out += ["--config", c]
     return out + list(sp.fit_args) + list(extra)
 
 
+def _split_fit_args(stored: list[str], configs: list[str]) -> list[str]:
+    """The command-line overrides of :func:`compose_fit_args`' stored list (configs removed)."""
+    head = [x for c in configs for x in ("--config", c)]
+    if stored[: len(head)] != head:
+        raise SearchError(
+            "the study's stored fit args do not start with its space's configs. "
+            "Fix: start a new study (--study NAME) for this space"
+        )
+    return stored[len(head) :]
+
+
 def context_of(study, out_root: Path) -> TrialContext:
     """Everything a worker needs, from the study itself (``run`` stored the model's shape in it)."""
+    sp = space_of(study)
     return TrialContext(
-        space_of(study),
+        sp,
         ModelInfo.from_dict(study.user_attrs["model_info"]),
-        list(study.user_attrs["fit_args"]),
+        list(sp.configs),
+        _split_fit_args(list(study.user_attrs["fit_args"]), list(sp.configs)),
         out_root / study.study_name,
     )
 
 
 # -- the fit ----------------------------------------------------------------------------------------------
-def run_fit(args: list[str], callbacks: list):
-    """THE call into training, as the search has always made it: LightningCLI on ``args``, then
-    ``trainer.fit``. Everything the search does to a fit goes through here (one place to swap
-    for a typed run API). Returns the CLI (trainer, model)."""
-    from msplora.training.cli import cli_main
+def run_fit(spec: dict, callbacks: list):
+    """THE call into training: the run API on the trial's configs (the space's, then the overlay),
+    command-line overrides and run folder. Returns the Setup (trainer, model) and the RunResult."""
+    from msplora.errors import UserError
+    from msplora.training.run import compose, fit
 
     try:
-        cli = cli_main(args, run=False)
-    except SystemExit as e:  # jsonargparse printed the bad argument; every trial would fail the same way
+        setup = compose(spec["configs"], args=spec["args"], root_dir=spec["root"])
+    except UserError as e:  # every trial would fail the same way
         raise SearchError(
-            f"the fit arguments do not parse (exit {e.code}; message above): {' '.join(args[-4:])} ... "
-            "Fix: correct the space's fit_args or the EXTRA args after --"
+            f"the fit arguments do not parse: {e}. Fix: correct the space's fit_args or the EXTRA args after --"
         ) from None
-    cli.trainer.callbacks.extend(callbacks)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli
+    return setup, fit(setup, callbacks=callbacks)
 
 
 def _trial_callback(trial, direction: str, prune: bool):
@@ -125,41 +140,47 @@ def _trial_callback(trial, direction: str, prune: bool):
     return TrialCallback()
 
 
-def _write_pyramid(cli, root: Path) -> None:
+def _write_pyramid(setup, root: Path) -> None:
     """What this rank actually trained: DDP tests compare ranks."""
     rank = int(os.environ.get("LOCAL_RANK", 0) or 0)
-    (root / f"pyramid.rank{rank}.json").write_text(json.dumps(cli.model.pyramid.to_dict()["levels"], sort_keys=True))
+    (root / f"pyramid.rank{rank}.json").write_text(json.dumps(setup.model.pyramid.to_dict()["levels"], sort_keys=True))
 
 
-def fit_trial(trial, overlay: dict, root: Path, ctx: TrialContext) -> dict:
-    """Train one sampled config; returns its metrics.json (value, trainable_params, monitor, ...)."""
+def fit_trial(trial, overlay: dict, root: Path, ctx: TrialContext) -> RunResult:
+    """Train one sampled config; returns the run API's result (value, trainable_params, monitor, ...)."""
     import optuna
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / "overlay.yaml"
     path.write_text(yaml.safe_dump(overlay, sort_keys=False))
-    args = [*ctx.fit_args, "--config", str(path), f"--trainer.default_root_dir={root}"]
     prune = not ctx.space.multi and ctx.space.pruner.get("name") != "none"
-    (root / "fit.json").write_text(json.dumps({"args": args, "prune": prune, "direction": ctx.space.direction}))
+    spec = {
+        "configs": [*ctx.configs, str(path)],
+        "args": list(ctx.fit_args),
+        "root": str(root),
+        "prune": prune,
+        "direction": ctx.space.direction,
+    }
+    (root / "fit.json").write_text(json.dumps(spec))  # for the DDP ranks > 0 (run_rank_child)
     callback = _trial_callback(trial, ctx.space.direction, prune)
     os.environ[ENV_TRIAL_DIR] = str(root)  # DDP ranks 1.. started inside fit inherit it
     try:
-        cli = run_fit(args, [callback])
+        setup, result = run_fit(spec, [callback])
     finally:
         os.environ.pop(ENV_TRIAL_DIR, None)
         if callback.world_size > 1:
             trial.study.stop()  # a DDP process group cannot be launched twice in one process: one trial per worker
-    _write_pyramid(cli, root)
+    _write_pyramid(setup, root)
     if callback.pruned_at is not None:
         raise optuna.TrialPruned(f"pruned at epoch {callback.pruned_at}")
-    return json.loads(next(root.rglob("metrics.json")).read_text())
+    return result
 
 
 def run_rank_child(root: Path) -> None:
     """DDP rank > 0: train rank 0's args (its overlay included) and follow its pruning decision."""
     spec = json.loads((root / "fit.json").read_text())
-    cli = run_fit(spec["args"], [_trial_callback(None, spec["direction"], spec["prune"])])
-    _write_pyramid(cli, root)
+    setup, _ = run_fit(spec, [_trial_callback(None, spec["direction"], spec["prune"])])
+    _write_pyramid(setup, root)
 
 
 # -- the objective ----------------------------------------------------------------------------------------
@@ -219,15 +240,15 @@ def make_objective(ctx: TrialContext, fit_fn: FitFn = fit_trial, n_trials: int |
         if budget and n_adapter > budget:
             raise optuna.TrialPruned(f"{n_adapter} adapter parameters > budget {budget}")
         root = ctx.out / "trials" / f"{trial.number:04d}"
-        m = fit_fn(trial, overlay, root, ctx)
-        if m.get("value") is None:
-            raise RuntimeError(f"trial {trial.number}: no validation value in metrics.json; did validation run?")
-        monitor = m.get("monitor", "value")
+        r = fit_fn(trial, overlay, root, ctx)
+        if r.value is None:
+            raise RuntimeError(f"trial {trial.number}: the fit gave no validation value; did validation run?")
+        monitor = r.monitor or "value"
         trial.set_user_attr("monitor", monitor)
-        trial.set_user_attr("trainable_params", m.get("trainable_params"))
+        trial.set_user_attr("trainable_params", r.trainable_params)
         trial.set_user_attr("run_dir", str(root))
         _name_metrics(trial.study, monitor, ctx.space.multi)
-        value = float(m["value"])
-        return (value, float(m["trainable_params"])) if ctx.space.multi else value
+        value = float(r.value)
+        return (value, float(r.trainable_params)) if ctx.space.multi else value
 
     return objective

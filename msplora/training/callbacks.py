@@ -77,18 +77,24 @@ class MetricsJSON(L.Callback):
         self.t0 = time.perf_counter()
         self.earlier_s = 0.0  # wall time of the fit before a resume (from the checkpoint)
         self.root: Path | None = None
+        self.record: dict = {}
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         self.root = run_dir(trainer)
+        # What metrics.json holds lives on the module (every rank), so a fit and then a test in one
+        # process add to one dict, which the run API (msplora.training.run) returns without reading
+        # the file back. Lightning makes new callbacks for each stage; the module stays. A run
+        # folder written by another process (a resumed fit, `msplora test`) starts from its file.
+        if getattr(pl_module, "run_record", None) is None:
+            path = self.root / "metrics.json"
+            pl_module.run_record = json.loads(path.read_text()) if path.is_file() else {}
+        self.record = pl_module.run_record
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t0 = time.perf_counter()
 
     def _write(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        path = self.root / "metrics.json"
-        out = json.loads(path.read_text()) if path.exists() else {}
+        out = self.record
         dm = trainer.datamodule
         spec = getattr(dm, "spec", None)
         out.update(
@@ -115,7 +121,8 @@ class MetricsJSON(L.Callback):
             if stage == "fit"
             else {k: v for k, v in final.items() if k.startswith(stage)}
         )
-        write_json_atomic(path, out)
+        if trainer.is_global_zero:  # one writer; every rank keeps the record
+            write_json_atomic(self.root / "metrics.json", out)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "fit")

