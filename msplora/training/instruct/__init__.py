@@ -34,8 +34,9 @@ Modules, in the order data flows through them (each imports only those above it)
     mtbench     FastChat MT-bench answer files (answer_mt_bench)
     answer_cli  `msplora answer` (answer_main)
 
-Every public name is importable from `msplora.training.instruct`, as when this was one module;
-configs and checkpoints name `msplora.training.instruct.InstructionDataModule`.
+Import public names from here, not from the modules: configs, saved run configs and the
+hyperparameters in checkpoints name `msplora.training.instruct.InstructionDataModule`, so that
+path must keep resolving wherever the class lives.
 """
 
 from msplora.training.instruct.answer_cli import answer_main
