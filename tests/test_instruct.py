@@ -536,6 +536,36 @@ def test_mt_bench_bad_question_file(tok, tiny_lm, tmp_path):
         I.answer_mt_bench(tiny_lm, tok, qpath, "tiny", tmp_path / "a.jsonl")
 
 
+# ----------------------------------------------------------------------------- the package's public path
+
+
+def test_package_exports_every_public_name_of_its_modules():
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(I.__path__):
+        module = importlib.import_module(f"{I.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
+                assert name in I.__all__ and getattr(I, name) is obj, f"{module.__name__}.{name} is not re-exported"
+
+
+def test_stored_class_path_still_names_the_package():
+    """Configs, saved run configs and checkpoint hparams (`_class_path`) name the package path."""
+    import lightning as L
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.cli import instantiate_module
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    cfg = parser.parse_args(["--data=InstructionDataModule", "--data.init_args.tokenizer=x"])
+    assert "class_path: msplora.training.instruct.InstructionDataModule\n" in parser.dump(cfg)
+    # What LightningDataModule.load_from_checkpoint does with the hparams LightningCLI stored
+    config = {"_class_path": "msplora.training.instruct.InstructionDataModule", "data": "d.jsonl", "tokenizer": "x"}
+    dm = instantiate_module(L.LightningDataModule, config)
+    assert isinstance(dm, I.InstructionDataModule) and dm.data == "d.jsonl"
+
+
 # ----------------------------------------------------------------------------- model loading (msplora.hf)
 
 
