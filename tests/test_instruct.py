@@ -19,6 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from msplora import hf
 from msplora.training import instruct as I
 from msplora.training.instruct import IGNORE_INDEX
+from msplora.training.instruct import mtbench as mtbench_module
+from msplora.training.instruct import scoring as scoring_module
 
 IM_END = "<|im_end|>"
 
@@ -417,9 +419,11 @@ def test_mc_exact_match_scores_parsed_letters(tok, tiny_lm, monkeypatch):
     score = I.mc_exact_match(tiny_lm, tok, questions, max_new_tokens=2)
     assert 0.0 <= score <= 1.0
     gold = {q.prompt: q.target for q in questions}
-    monkeypatch.setattr(I, "generate_answers", lambda m, t, prompts, *a, **k: [gold[p[-1]["content"]] for p in prompts])
+    monkeypatch.setattr(
+        scoring_module, "generate_answers", lambda m, t, prompts, *a, **k: [gold[p[-1]["content"]] for p in prompts]
+    )
     assert I.mc_exact_match(tiny_lm, tok, questions) == 1.0
-    monkeypatch.setattr(I, "generate_answers", lambda m, t, prompts, *a, **k: ["no idea"] * len(prompts))
+    monkeypatch.setattr(scoring_module, "generate_answers", lambda m, t, prompts, *a, **k: ["no idea"] * len(prompts))
     assert I.mc_exact_match(tiny_lm, tok, questions) == 0.0
 
 
@@ -475,7 +479,7 @@ def check_fastchat_records(path: Path, questions: list[dict], model_id: str) -> 
 def test_mt_bench_second_turn_sees_first_answer(tok, tiny_lm, tmp_path, monkeypatch):
     qpath = write_jsonl(tmp_path / "question.jsonl", QUESTIONS)
     spy = SpyGenerate()
-    monkeypatch.setattr(I, "generate_answers", spy)
+    monkeypatch.setattr(mtbench_module, "generate_answers", spy)
     out = I.answer_mt_bench(tiny_lm, tok, qpath, "tiny", tmp_path / "model_answer" / "tiny.jsonl")
     records = check_fastchat_records(out, QUESTIONS, "tiny")
     assert not Path(f"{out}.partial").exists() and not Path(f"{out}.partial.tmp").exists()
@@ -495,7 +499,7 @@ def test_mt_bench_crash_leaves_no_answer_file_and_resumes(tok, tiny_lm, tmp_path
     qpath = write_jsonl(tmp_path / "question.jsonl", QUESTIONS)
     out = tmp_path / "tiny.jsonl"
     # batch_size=1: question 81 (two generate calls) completes, the crash hits question 82
-    monkeypatch.setattr(I, "generate_answers", SpyGenerate(fail_on_call=2))
+    monkeypatch.setattr(mtbench_module, "generate_answers", SpyGenerate(fail_on_call=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
         I.answer_mt_bench(tiny_lm, tok, qpath, "tiny", out, batch_size=1)
     assert not out.exists()
@@ -505,7 +509,7 @@ def test_mt_bench_crash_leaves_no_answer_file_and_resumes(tok, tiny_lm, tmp_path
         f.write('{"question_id": 82, "answ')  # a torn line, as if killed mid-write
 
     spy = SpyGenerate()
-    monkeypatch.setattr(I, "generate_answers", spy)
+    monkeypatch.setattr(mtbench_module, "generate_answers", spy)
     I.answer_mt_bench(tiny_lm, tok, qpath, "tiny", out, batch_size=1)
     records = check_fastchat_records(out, QUESTIONS, "tiny")
     assert records[0] == saved  # kept, not regenerated
@@ -513,7 +517,7 @@ def test_mt_bench_crash_leaves_no_answer_file_and_resumes(tok, tiny_lm, tmp_path
 
     # a finished file is resumed too: nothing left to do, nothing regenerated
     spy2 = SpyGenerate()
-    monkeypatch.setattr(I, "generate_answers", spy2)
+    monkeypatch.setattr(mtbench_module, "generate_answers", spy2)
     I.answer_mt_bench(tiny_lm, tok, qpath, "tiny", out)
     assert spy2.calls == [] and check_fastchat_records(out, QUESTIONS, "tiny") == records
     with pytest.raises(ValueError, match="not 'other'"):
@@ -530,6 +534,36 @@ def test_mt_bench_bad_question_file(tok, tiny_lm, tmp_path):
     qpath = write_jsonl(tmp_path / "question.jsonl", [QUESTIONS[0], {"question_id": 9, "turns": "oops"}])
     with pytest.raises(ValueError, match=r"record 1 \(line 2\): 'turns'"):
         I.answer_mt_bench(tiny_lm, tok, qpath, "tiny", tmp_path / "a.jsonl")
+
+
+# ----------------------------------------------------------------------------- the package's public path
+
+
+def test_package_exports_every_public_name_of_its_modules():
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(I.__path__):
+        module = importlib.import_module(f"{I.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
+                assert name in I.__all__ and getattr(I, name) is obj, f"{module.__name__}.{name} is not re-exported"
+
+
+def test_stored_class_path_still_names_the_package():
+    """Configs, saved run configs and checkpoint hparams (`_class_path`) name the package path."""
+    import lightning as L
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.cli import instantiate_module
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    cfg = parser.parse_args(["--data=InstructionDataModule", "--data.init_args.tokenizer=x"])
+    assert "class_path: msplora.training.instruct.InstructionDataModule\n" in parser.dump(cfg)
+    # What LightningDataModule.load_from_checkpoint does with the hparams LightningCLI stored
+    config = {"_class_path": "msplora.training.instruct.InstructionDataModule", "data": "d.jsonl", "tokenizer": "x"}
+    dm = instantiate_module(L.LightningDataModule, config)
+    assert isinstance(dm, I.InstructionDataModule) and dm.data == "d.jsonl"
 
 
 # ----------------------------------------------------------------------------- model loading (msplora.hf)
