@@ -560,7 +560,7 @@ def test_report_on_fabricated_multi_objective_study(tmp_path):
     info = ModelInfo(6, {"query": (384, 384), "value": (384, 384)})
     study = create_study(storage, "fab", sp, ["--x=1"], info.to_dict())
     study.sampler = optuna.samplers.RandomSampler(seed=0)
-    ctx = TrialContext(sp, info, [], tmp_path / "out" / "fab")
+    ctx = TrialContext(sp, info, list(sp.configs), [], tmp_path / "out" / "fab")
     assert not work(study, ctx, 8, fit_fn=fake_fit).tripped
     study = optuna.load_study(study_name="fab", storage=storage)
     _assert_exact(study, 8)
@@ -604,7 +604,7 @@ def test_trial_past_the_nth_is_closed_untrained_as_surplus(tmp_path):
     others = [study.ask(), study.ask()]
     called = []
     objective = make_objective(
-        TrialContext(sp, info, [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k), n_trials=2
+        TrialContext(sp, info, list(sp.configs), [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k), n_trials=2
     )
     study.optimize(objective, n_trials=5, catch=(Exception,))  # stops after the first (surplus) trial
     (third,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
@@ -621,7 +621,7 @@ def test_budget_makes_big_pyramids_infeasible_without_training(tmp_path):
     called = []
     study = optuna.create_study(directions=sp.directions, sampler=optuna.samplers.RandomSampler(seed=1))
     objective = make_objective(
-        TrialContext(sp, info, [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k)
+        TrialContext(sp, info, list(sp.configs), [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k)
     )
     study.optimize(objective, n_trials=25)
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
