@@ -91,21 +91,10 @@ def hypothesis(path: Path) -> str:
 
 
 def levels_label(levels: list[dict], n_layers: int | None) -> str:
-    """``G8 M4x3 L2``: G = global, M = group (rank x cells), L = per-layer."""
-    from msplora.pyramid import n_cells
+    """``G8 M4x3 L2``: G = global, M = group (rank x cells), L = per-layer (``pyramid.short_label``)."""
+    from msplora.pyramid import short_label
 
-    out = []
-    for lv in levels:
-        tag = {"global": "G", "group": "M", "layer": "L"}[lv["share"]]
-        s = f"{tag}{lv['rank']}"
-        if lv["share"] == "group":
-            s += (
-                f"x{n_cells('group', n_layers, lv.get('groups'), lv.get('group_size'))}"
-                if n_layers
-                else (f"/{lv['groups']}g" if lv.get("groups") else f"/s{lv['group_size']}")
-            )
-        out.append(s)
-    return " ".join(out)
+    return short_label(levels, n_layers)
 
 
 # -- one run ------------------------------------------------------------------------------------------
