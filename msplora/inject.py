@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from msplora.config import ConfigError, MSPLoRAConfig
-from msplora.io import atomic_dir
+from msplora.io import atomic_dir, read_json
 from msplora.layers import PREFIX, KindBank, MSPLoRABank, MSPLoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -469,10 +469,7 @@ def read_adapter_config(path: str | Path) -> dict:
             "Fix: pass the directory written by msplora.save_adapter"
         )
     fix = "Fix: restore the file, or save the adapter again with msplora.save_adapter"
-    try:
-        info = json.loads(cfg.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{cfg}: not valid JSON ({e}). {fix}") from None
+    info = read_json(cfg, "adapter config", fix=fix.removeprefix("Fix: "))
     if not isinstance(info, dict) or info.get("format") != "msplora":
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise ConfigError(f"{cfg}: not an MSPLoRA adapter config (format={got!r}). {fix}")
