@@ -252,7 +252,7 @@ CASES = [
     Case("analyze_no_args", cmd("analyze"), "the following arguments are required: RUN"),
     Case("analyze_missing_run", cmd("analyze", "{root}/no_run", "--out", "{out}/a"), "no such run directory"),
     Case("analyze_adapter_dir", cmd("analyze", "{adapter_truncated}", "--out", "{out}/a"), "no spectra.json under"),
-    Case("analyze_corrupt_spectra", cmd("analyze", "{corrupt_spectra}", "--out", "{out}/a"), "spectra file is not valid JSON"),
+    Case("analyze_corrupt_spectra", cmd("analyze", "{corrupt_spectra}", "--out", "{out}/a"), "file is not valid JSON"),
     # -- answer
     Case("answer_missing_args", cmd("answer"), "the following arguments are required"),
     Case("answer_no_questions", cmd(*ANSWER[:2], "{root}/none.jsonl", *ANSWER[3:]), "no such file"),
