@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from msplora.errors import ArgumentParser, run_command
-from msplora.io import split_passthrough, write_json_atomic
+from msplora.io import atomic_write, split_passthrough, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "ablations"
@@ -92,21 +92,10 @@ def hypothesis(path: Path) -> str:
 
 
 def levels_label(levels: list[dict], n_layers: int | None) -> str:
-    """``G8 M4x3 L2``: G = global, M = group (rank x cells), L = per-layer."""
-    from msplora.pyramid import n_cells
+    """``G8 M4x3 L2``: G = global, M = group (rank x cells), L = per-layer (``pyramid.short_label``)."""
+    from msplora.pyramid import short_label
 
-    out = []
-    for lv in levels:
-        tag = {"global": "G", "group": "M", "layer": "L"}[lv["share"]]
-        s = f"{tag}{lv['rank']}"
-        if lv["share"] == "group":
-            s += (
-                f"x{n_cells('group', n_layers, lv.get('groups'), lv.get('group_size'))}"
-                if n_layers
-                else (f"/{lv['groups']}g" if lv.get("groups") else f"/s{lv['group_size']}")
-            )
-        out.append(s)
-    return " ".join(out)
+    return short_label(levels, n_layers)
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -492,11 +481,10 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
     ax.set_title(f"MSPLoRA ablations: {task}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # mode=None: the mode open() gives, as the report always had
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True, mode=None)
+    finally:
+        plt.close(fig)
 
 
 def report(task: str, root: Path = RESULTS) -> str:
@@ -506,8 +494,7 @@ def report(task: str, root: Path = RESULTS) -> str:
     rows = summarise(found)
     text = markdown(rows, task)
     out = root / task
-    (out / ".report.md.tmp").write_text(text)
-    (out / ".report.md.tmp").replace(out / "report.md")
+    write_text_atomic(out / "report.md", text, mode=None)
     write_json_atomic(out / "report.json", {"task": task, "rows": rows})
     plot(rows, out / "report.png", task)
     return text

@@ -23,7 +23,6 @@ values of s B A are those of the small r x r matrix s R_b R_a^T. No d_out x d_in
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 
 from msplora.errors import ArgumentParser
 from msplora.inject import get_bank
-from msplora.io import write_json_atomic
+from msplora.io import read_json, write_json_atomic
 from msplora.layers import PREFIX
 
 SPECTRA_FILE = "spectra.json"
@@ -265,19 +264,10 @@ def find_spectra(run: str | Path) -> Path:
 
 
 def load_spectra(path: str | Path) -> dict:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"{path}: not readable JSON ({_one_line(e)}), truncated or corrupt. Fix: rerun the fit, or pass another run"
-        ) from None
+    doc = read_json(path, "spectra file", fix="rerun the fit, or pass another run", error=ValueError)
     if not isinstance(doc, dict) or not doc.get("records"):
         raise ValueError(f"{path}: holds no spectrum records. Fix: let the run finish at least one epoch")
     return doc
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
 
 
 # -- plots ----------------------------------------------------------------------------------

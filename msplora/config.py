@@ -299,7 +299,9 @@ class MSPLoRAConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file. Fix: check the path")
         if path.suffix == ".json":
-            return cls.from_dict(json.loads(path.read_text()))
+            from msplora.io import read_json  # io imports this module
+
+            return cls.from_dict(read_json(path, "pyramid config", fix="correct the JSON at that place"))
         import yaml
 
         return cls.from_dict(yaml.safe_load(path.read_text()))

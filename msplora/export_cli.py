@@ -17,13 +17,13 @@ with exit status 2.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from msplora.config import ConfigError
 from msplora.errors import ArgumentParser, run_command
+from msplora.io import read_json
 
 TARGETS = ("peft", "merged", "msplora")
 
@@ -43,7 +43,7 @@ class RunModel:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, fix="restore the file, or pass another run", error=ExportError) if path.is_file() else {}
 
 
 def _read_yaml(path: Path) -> dict:

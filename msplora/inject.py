@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ import torch
 from torch import nn
 
 from msplora.config import ConfigError, MSPLoRAConfig
+from msplora.io import atomic_dir, read_json
 from msplora.layers import PREFIX, KindBank, MSPLoRABank, MSPLoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -433,22 +431,8 @@ def _adapter_tensors(model: nn.Module, bank: MSPLoRABank) -> dict[str, torch.Ten
 
 def _atomic_dir(path: Path, write) -> None:
     """Write into a temp dir beside ``path``, then swap it in: never a half-written adapter."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
@@ -485,10 +469,7 @@ def read_adapter_config(path: str | Path) -> dict:
             "Fix: pass the directory written by msplora.save_adapter"
         )
     fix = "Fix: restore the file, or save the adapter again with msplora.save_adapter"
-    try:
-        info = json.loads(cfg.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{cfg}: not valid JSON ({e}). {fix}") from None
+    info = read_json(cfg, "adapter config", fix=fix.removeprefix("Fix: "))
     if not isinstance(info, dict) or info.get("format") != "msplora":
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise ConfigError(f"{cfg}: not an MSPLoRA adapter config (format={got!r}). {fix}")

@@ -61,6 +61,31 @@ def n_cells(share: str, n_layers: int, groups: int | None = None, group_size: in
     return max(cell_of_layer(share, n_layers, groups, group_size)) + 1
 
 
+# One letter a share, for short labels: M for the mid (group) levels, as in the paper's figures.
+SHORT_TAGS = {"global": "G", "group": "M", "layer": "L"}
+
+
+def short_label(levels: Sequence[Mapping], n_layers: int | None = None, ranks: bool = True) -> str:
+    """``G8 M4x3 L2``: one token a level, coarse to fine (share letter, then the rank).
+
+    G = global, M = mid (group), L = per layer. A mid level adds its cell count (``x3``) when
+    ``n_layers`` is known, else its grouping (``/3g``: 3 groups, ``/s4``: groups of 4 layers).
+    ``ranks=False`` gives the shape alone (``G M/3g L``). The ablation's result files store this
+    string (field ``levels``); keep it stable.
+    """
+    out = []
+    for lv in levels:
+        share = lv.get("share")
+        s = SHORT_TAGS.get(share, str(share)) + (str(lv.get("rank")) if ranks else "")
+        if share == "group":
+            if n_layers:
+                s += f"x{n_cells('group', n_layers, lv.get('groups'), lv.get('group_size'))}"
+            else:
+                s += f"/{lv['groups']}g" if lv.get("groups") else f"/s{lv.get('group_size')}"
+        out.append(s)
+    return " ".join(out)
+
+
 def rank_schedule(n_levels: int, r0: int, decay: float = 0.5) -> list[int]:
     """Geometric ranks from coarse to fine: ``r_k = max(1, round(r0 * decay**k))``.
 

@@ -247,12 +247,12 @@ CASES = [
     Case("summary_two_args", cmd("summary", "{out}/a", "{out}/b"), "unrecognized arguments"),
     Case("summary_missing_dir", cmd("summary", "{root}/no_run"), "no such run directory"),
     Case("summary_no_metrics", cmd("summary", "{empty_run}"), "no metrics.json under"),
-    Case("summary_corrupt_metrics", cmd("summary", "{corrupt_metrics}"), "not a readable metrics.json"),
+    Case("summary_corrupt_metrics", cmd("summary", "{corrupt_metrics}"), "metrics.json is not valid JSON"),
     # -- analyze
     Case("analyze_no_args", cmd("analyze"), "the following arguments are required: RUN"),
     Case("analyze_missing_run", cmd("analyze", "{root}/no_run", "--out", "{out}/a"), "no such run directory"),
     Case("analyze_adapter_dir", cmd("analyze", "{adapter_truncated}", "--out", "{out}/a"), "no spectra.json under"),
-    Case("analyze_corrupt_spectra", cmd("analyze", "{corrupt_spectra}", "--out", "{out}/a"), "not readable JSON"),
+    Case("analyze_corrupt_spectra", cmd("analyze", "{corrupt_spectra}", "--out", "{out}/a"), "file is not valid JSON"),
     # -- answer
     Case("answer_missing_args", cmd("answer"), "the following arguments are required"),
     Case("answer_no_questions", cmd(*ANSWER[:2], "{root}/none.jsonl", *ANSWER[3:]), "no such file"),

@@ -315,8 +315,8 @@ def finished_run(tmp_path_factory, tiny_bert_dir) -> tuple[Path, list[str]]:
         (
             ["--config", str(REPO / "ablations" / "lora.yaml")],
             # names the saved and the given pyramid
-            r"model\.pyramid: the checkpoint holds the pyramid \[global r8, group r4 x3, layer r2\].*"
-            r"this run gives \[layer r8\]",
+            r"model\.pyramid: the checkpoint holds the pyramid G8 M4/3g L2 on .*"
+            r"this run gives L8 on ",
         ),
         (
             ["--model.lr=0.01"],

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from msplora.config import ConfigError
-from msplora.pyramid import group_sizes, parameter_count, rank_schedule
+from msplora.pyramid import group_sizes, parameter_count, rank_schedule, short_label
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SPACE = REPO / "configs" / "search" / "default.yaml"
@@ -368,8 +368,5 @@ def adapter_params(levels: list[dict], info: ModelInfo) -> int:
 
 
 def shape_of(levels: list[dict]) -> str:
-    """``global/g3/layer``: the level shares, mid levels by their grouping."""
-    return "/".join(
-        lv["share"] if lv["share"] != "group" else f"g{lv.get('groups') or 's' + str(lv.get('group_size'))}"
-        for lv in levels
-    )
+    """``G M/3g L``: the levels' shares, mid levels by their grouping, no ranks (``pyramid.short_label``)."""
+    return short_label(levels, ranks=False)

