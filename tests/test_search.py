@@ -604,7 +604,9 @@ def test_trial_past_the_nth_is_closed_untrained_as_surplus(tmp_path):
     others = [study.ask(), study.ask()]
     called = []
     objective = make_objective(
-        TrialContext(sp, info, list(sp.configs), [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k), n_trials=2
+        TrialContext(sp, info, list(sp.configs), [], tmp_path),
+        fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k),
+        n_trials=2,
     )
     study.optimize(objective, n_trials=5, catch=(Exception,))  # stops after the first (surplus) trial
     (third,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
@@ -621,7 +623,8 @@ def test_budget_makes_big_pyramids_infeasible_without_training(tmp_path):
     called = []
     study = optuna.create_study(directions=sp.directions, sampler=optuna.samplers.RandomSampler(seed=1))
     objective = make_objective(
-        TrialContext(sp, info, list(sp.configs), [], tmp_path), fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k)
+        TrialContext(sp, info, list(sp.configs), [], tmp_path),
+        fit_fn=lambda *a, **k: called.append(1) or fake_fit(*a, **k),
     )
     study.optimize(objective, n_trials=25)
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
