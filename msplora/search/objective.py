@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from msplora.io import read_json
 from msplora.search.space import (
     ModelInfo,
     SearchError,
@@ -178,7 +179,7 @@ def fit_trial(trial, overlay: dict, root: Path, ctx: TrialContext) -> RunResult:
 
 def run_rank_child(root: Path) -> None:
     """DDP rank > 0: train rank 0's args (its overlay included) and follow its pruning decision."""
-    spec = json.loads((root / "fit.json").read_text())
+    spec = read_json(root / "fit.json", "the trial's fit.json (written by rank 0)")
     setup, _ = run_fit(spec, [_trial_callback(None, spec["direction"], spec["prune"])])
     _write_pyramid(setup, root)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from msplora.pyramid import short_label
 from msplora.search.space import SearchError
 from msplora.search.study import counts, space_of
 
@@ -24,16 +25,12 @@ def _fmt(v: Any) -> str:
 
 
 def trials_table(trials, multi: bool, monitor: str) -> str:
-    head = ["trial", monitor, "trainable", "adapter", "levels (share:rank)", "alpha", "lr"]
+    head = ["trial", monitor, "trainable", "adapter", "levels", "alpha", "lr"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         ov = t.user_attrs.get("overlay", {}).get("model", {})
         lv = ov.get("pyramid", {}).get("levels", [])
-        shape = " ".join(
-            f"{x['share'] if x['share'] != 'group' else 'g' + str(x.get('groups') or 's' + str(x.get('group_size')))}"
-            f":{x['rank']}"
-            for x in lv
-        )
+        shape = short_label(lv)
         alpha = sorted({x.get("alpha") for x in lv})
         value = t.values[0] if t.values else None
         trainable = t.values[1] if multi and t.values else t.user_attrs.get("trainable_params")

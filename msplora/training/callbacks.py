@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import msplora
-from msplora.io import atomic_write, write_json_atomic
+from msplora.io import atomic_write, read_json, write_json_atomic
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -86,7 +86,7 @@ class MetricsJSON(L.Callback):
         # folder written by another process (a resumed fit, `msplora test`) starts from its file.
         if getattr(pl_module, "run_record", None) is None:
             path = self.root / "metrics.json"
-            pl_module.run_record = json.loads(path.read_text()) if path.is_file() else {}
+            pl_module.run_record = read_json(path, "the run's metrics.json") if path.is_file() else {}
         self.record = pl_module.run_record
 
     def on_fit_start(self, trainer, pl_module) -> None:

