@@ -132,6 +132,7 @@ _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _SUBCOMMAND_KEY = re.compile(r"Subcommand '([^']+)' does not accept option '([^']+)'")
+_GROUP_KEY = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")  # a config file's key
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 _EXPECTED = re.compile(r"Expected a <class '([^']+)'>\. Got value: (.*)")
 _NO_FILE = re.compile(r"File does not exist: '([^']+)'")
@@ -184,6 +185,9 @@ def explain_parse_error(
     m = _SUBCOMMAND_KEY.search(innermost)
     if m:
         return _unknown_option(m.group(2), valid_keys, help_fix)
+    m = _GROUP_KEY.search(innermost)
+    if m:
+        return _unknown_option(f"{m.group(1)}.{m.group(2)}", valid_keys, help_fix)
     m = _UNRECOGNIZED.search(innermost)
     if m:
         first = m.group(1).split()[0]

@@ -169,7 +169,7 @@ class MSPLoRACLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as e:
-            command = args[0] if args and args[0] in self.subcommands() else ""
+            command = "fit" if self.deferred else args[0] if args and args[0] in self.subcommands() else ""
             raise UsageError(explain_parse_error(e, args, self._valid_keys, command)) from e
         # Lightning torch.loads ckpt_path right after parsing (for its hyperparameters): refuse a
         # missing or broken file first, before anything is read or written.
