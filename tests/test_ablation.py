@@ -174,7 +174,7 @@ def fake_fit(monkeypatch):
             "wall_time_s": wall,
         }
 
-    monkeypatch.setattr(ablation, "fit_and_test", fit_and_test)
+    monkeypatch.setattr(ablation.runner, "fit_and_test", fit_and_test)  # where run_variant looks it up
     return calls, fail_at
 
 

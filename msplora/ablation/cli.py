@@ -1,0 +1,93 @@
+"""The command line: ``msplora ablation run ...`` and ``msplora ablation report ...``.
+
+Checks every argument before anything runs, then hands over to the runner and the report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from msplora.ablation.runner import DEFAULT_EXTEND, EMBEDDED_STEPS, run_variant
+from msplora.ablation.table import report
+from msplora.ablation.variants import DEFAULT_TASK, RESULTS, AblationError, is_embedded, variant_names, variant_path
+from msplora.errors import ArgumentParser
+from msplora.io import split_passthrough
+
+
+def main(argv: list[str] | None = None) -> None:
+    from msplora import ablation  # the package: its docstring's first line is the description
+
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+    p = ArgumentParser(prog="msplora ablation", description=ablation.__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run variants (LR sweep on seed 0, then every seed at the chosen LR)")
+    r.add_argument("names", nargs="*", metavar="NAME", help="variants (file stems in ablations/)")
+    r.add_argument("--all", action="store_true", help="every variant in ablations/")
+    r.add_argument("--task", default=DEFAULT_TASK, help="task name (results folder; checked against the config)")
+    r.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    r.add_argument(
+        "--lrs",
+        default=None,
+        help='adapter LRs to sweep, e.g. "5e-4 1e-3 2e-3" (default: 1e-3 2e-3 4e-3 on the embedded '
+        "task, else config lr x 0.5/1/2)",
+    )
+    r.add_argument(
+        "--config",
+        default=None,
+        help="task config composed after configs/base.yaml "
+        "(default: configs/demo.yaml for sentiment, else configs/<task>.yaml)",
+    )
+    r.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per run (default {EMBEDDED_STEPS} on the embedded task, else the config's epochs)",
+    )
+    r.add_argument(
+        "--extend",
+        type=int,
+        default=DEFAULT_EXTEND,
+        help="when the best LR is the grid's largest or smallest, try up to this many more LRs outwards "
+        f"(same geometric step), stopping once the best is inside (default {DEFAULT_EXTEND}; 0: the grid only)",
+    )
+    r.add_argument("--root", type=Path, default=RESULTS, help="results root")
+    rp = sub.add_parser("report", help="markdown table + PNG of whatever results exist")
+    rp.add_argument("--task", default=DEFAULT_TASK)
+    rp.add_argument("--root", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+
+    if a.cmd == "report":
+        print(report(a.task, a.root))
+        print(f"wrote {a.root / a.task / 'report.md'} and {a.root / a.task / 'report.png'}")
+        return
+    if a.all == bool(a.names):
+        raise AblationError(
+            "give variant names or --all (not both, not neither). "
+            f"Fix: e.g. `msplora ablation run full no_mid`; valid names: {', '.join(variant_names())}"
+        )
+    names = variant_names() if a.all else a.names
+    for n in names:
+        variant_path(n)  # every name checked before anything runs
+    if a.steps is not None and a.steps < 1:
+        # Lightning would train nothing and then fail to find a "best" checkpoint to test.
+        raise AblationError(f"--steps {a.steps}: need at least 1 training step. Fix: e.g. --steps 100, or leave it out")
+    if a.seeds < 1:
+        raise AblationError(f"--seeds {a.seeds}: need at least 1. Fix: e.g. --seeds 3")
+    if a.extend < 0:
+        raise AblationError(f"--extend {a.extend}: need 0 or more. Fix: e.g. --extend 2")
+    lrs = None
+    if a.lrs:
+        try:
+            lrs = [float(x) for x in a.lrs.replace(",", " ").split()]
+        except ValueError:
+            raise AblationError(f'--lrs {a.lrs!r}: not numbers. Fix: e.g. --lrs "5e-4 1e-3 2e-3"') from None
+        if not lrs or any(x <= 0 for x in lrs):
+            raise AblationError(f'--lrs {a.lrs!r}: need positive values. Fix: e.g. --lrs "5e-4 1e-3 2e-3"')
+    steps = a.steps if a.steps is not None else (EMBEDDED_STEPS if is_embedded(a.task, a.config) else None)
+    t0 = time.perf_counter()
+    for n in names:
+        run_variant(n, a.task, a.seeds, lrs, a.config, steps, extra, root=a.root, extend=a.extend)
+        print(f"[suite] {n} finished; {time.perf_counter() - t0:.0f} s so far", flush=True)
+    print(report(a.task, a.root))

@@ -1,0 +1,77 @@
+"""When a finished result counts: the run signature, and reading back a result of this very run.
+
+A result file stores the signature of the settings it was made under; a rerun skips it only when
+the signature, LR and seed all match, so a result made under other settings is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from msplora.ablation.recipe import Recipe
+
+
+def run_signature(args: Recipe | list[str], ratio: float | None) -> str:
+    """The settings of one run, bar its LR and seed (those are checked on their own).
+
+    Config files count by their parsed content, not path or comments: editing a key of an overlay
+    or a task config makes its old results stale, while a moved checkout, a reworded comment or a
+    progress/logging setting (:data:`_NO_OUTCOME_KEYS`) keeps them. A finished run at an LR counts for any
+    grid that holds that LR.
+    """
+    if isinstance(args, Recipe):
+        args = args.as_args()
+    parts = [_outcome_keys(Path(a)) if prev == "--config" else a for prev, a in zip(["", *args], args)]
+    return hashlib.sha1(json.dumps([parts, ratio], sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Settings that cannot change a run's numbers: how it reports progress and where it logs. A result
+# stays valid when only these change (a comment, a progress bar, a logger), so long GLUE results
+# survive such edits of configs/base.yaml; any other key, a new callback included, makes it stale.
+_NO_OUTCOME_KEYS = {"trainer": ("enable_progress_bar", "default_root_dir", "logger", "log_every_n_steps")}
+_NO_OUTCOME_SECTIONS = ("last_checkpoint",)  # when last.ckpt is written
+_NO_OUTCOME_CALLBACKS = (
+    "lightning.pytorch.callbacks.RichProgressBar",
+    "lightning.pytorch.callbacks.TQDMProgressBar",
+    "lightning.pytorch.callbacks.LearningRateMonitor",
+    "msplora.analysis.SpectrumRecorder",
+)
+
+
+def _outcome_keys(path: Path) -> object:
+    """A config file's content as data, less the keys that cannot change a run's numbers."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        return data
+    data = {k: v for k, v in data.items() if k not in _NO_OUTCOME_SECTIONS}
+    for section, keys in _NO_OUTCOME_KEYS.items():
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in keys}
+            callbacks = data[section].get("callbacks")
+            if isinstance(callbacks, list):
+                kept = [
+                    c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") in _NO_OUTCOME_CALLBACKS)
+                ]
+                data[section]["callbacks"] = kept
+    return data
+
+
+def _same_run(rec: dict, signature: str | None, lr: float) -> bool:
+    """Made under these settings at this LR (the seed is checked apart)."""
+    return rec.get("signature") == signature and math.isclose(rec.get("lr", math.nan), lr, rel_tol=1e-9)
+
+
+def _read(path: Path, signature: str, lr: float, seed: int) -> dict | None:
+    """A finished result of this very run (same settings, LR and seed), else None."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return rec if _same_run(rec, signature, lr) and rec.get("seed") == seed else None
