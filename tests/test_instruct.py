@@ -171,7 +171,7 @@ def test_malformed_record_names_file_index_and_fault(tmp_path, bad, fault):
 def test_invalid_json_line_and_missing_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
-    with pytest.raises(ValueError, match=r"broken.jsonl: record 1 \(line 2\): invalid JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
         I.load_conversations(str(path))
     with pytest.raises(FileNotFoundError):
         I.load_conversations(str(tmp_path / "nope.json"))

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from msplora.io import parse_jsonl
+
 Message = dict[str, str]
 """{"role": "system" | "user" | "assistant", "content": str}"""
 
@@ -115,15 +117,7 @@ def _read_json_records(path: Path) -> list[Any]:
             if isinstance(data, list):
                 return data
             raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: record {len(records)} (line {lineno}): invalid JSON: {e.msg}") from None
-    return records
+    return parse_jsonl(text, path, fix="fix or remove that line (one JSON object a line)")
 
 
 def load_conversations(data: str, split: str = "train") -> list[list[Message]]:
