@@ -353,20 +353,24 @@ def test_report_on_fabricated_results(tmp_path, capsys):
     fabricate(tmp_path, "full", [0.80, 0.82, 0.84], 49152, 1e-3, "G8 M4x3 L2")
     fabricate(tmp_path, "lora", [0.85, 0.85], 73728, 5e-4, "L8")
     fabricate(tmp_path, "no_mid", [0.78], 30720, 2e-3, "G8 L2")
+    fabricate(tmp_path, "uniform_budget", [0.90, 0.70, 0.71], 46080, 2e-3, "G3 M3x3 L3")  # median != mean
     (tmp_path / "sentiment" / "no_mid" / "seed1.json").write_text("{")  # half-written: ignored
     ablation.main(["report", "--task", "sentiment", "--root", str(tmp_path)])
     text = (tmp_path / "sentiment" / "report.md").read_text()
     assert text in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
-    assert [r.split("|")[1].strip() for r in rows] == ["no_mid", "full", "lora"]  # by parameter count
-    full = rows[1]
-    assert "| G8 M4x3 L2 | 0.001 | - | 0.8200 ± 0.0200 (3) | 49,152 | 0.67x |" in full  # no sweep recorded
-    assert "0.8500 ± 0.0000 (2)" in rows[2] and "| 1.00x |" in rows[2] and "| 0.0005 |" in rows[2]
-    assert "(1)" in rows[0]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["no_mid", "uniform_budget", "full", "lora"]  # by parameter count
+    full = rows[2]
+    assert "| G8 M4x3 L2 | 0.001 | - | 0.8200 ± 0.0200 (3) | 0.8200 | 49,152 | 0.67x |" in full  # no sweep recorded
+    assert "| 0.7700 ± 0.1127 (3) | 0.7100 | 46,080 | 0.62x |" in rows[1]
+    assert "0.8500 ± 0.0000 (2) | 0.8500 |" in rows[3] and "| 1.00x |" in rows[3] and "| 0.0005 |" in rows[3]
+    assert "(1) | 0.7800 |" in rows[0]
     png = tmp_path / "sentiment" / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    stats = json.loads((tmp_path / "sentiment" / "report.json").read_text())["rows"]
-    assert math.isclose(stats[1]["std"], 0.02)
+    stats = {r["variant"]: r for r in json.loads((tmp_path / "sentiment" / "report.json").read_text())["rows"]}
+    assert math.isclose(stats["full"]["std"], 0.02) and math.isclose(stats["uniform_budget"]["median"], 0.71)
+    assert stats["uniform_budget"]["values"] == [0.90, 0.70, 0.71] and stats["uniform_budget"]["seeds"] == [0, 1, 2]
 
 
 def test_report_without_results_says_what_to_run(tmp_path):

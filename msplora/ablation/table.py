@@ -51,7 +51,7 @@ def _fmt_lr(x: float | None) -> str:
 def summarise(found: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for name, recs in found.items():
-        vals = [r["test"] for r in recs]
+        vals = [r["test"] for r in recs]  # in seed order (collect sorts the files)
         lrs = sorted({r["lr"] for r in recs})
         lora = recs[0].get("lora_r8_adapter_params")
         swept = sorted(float(k) for k in recs[0].get("lr_sweep", {}))
@@ -68,7 +68,10 @@ def summarise(found: dict[str, list[dict]]) -> list[dict]:
                 "metric": recs[0]["metric"],
                 "mean": statistics.fmean(vals),
                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "median": statistics.median(vals),
                 "n": len(vals),
+                "seeds": [r.get("seed") for r in recs],
+                "values": vals,
                 "adapter_params": recs[0]["adapter_params"],
                 "vs_lora": recs[0]["adapter_params"] / lora if lora else math.nan,
             }
@@ -79,20 +82,21 @@ def summarise(found: dict[str, list[dict]]) -> list[dict]:
 def markdown(rows: list[dict], task: str) -> str:
     metric = rows[0]["metric"] if rows else "metric"
     lines = [
-        f"Task `{task}`: dev-split {metric}, mean ± std over seeds, at each variant's LR "
+        f"Task `{task}`: dev-split {metric}, mean ± std (sample std) and median over seeds, at each variant's LR "
         "(chosen on a validation split carved from train). Params: trainable adapter parameters; "
         "vs LoRA: relative to LoRA r=8 on the same targets. LR chosen: ↑ / ↓ = the largest / smallest "
         "LR swept, so a better one may lie beyond.",
         "",
-        f"| variant | levels | LR chosen | LRs swept | dev {metric} (mean ± std, n) | adapter params | vs LoRA r=8 |",
-        "|---|---|---|---|---|---:|---:|",
+        f"| variant | levels | LR chosen | LRs swept | dev {metric} (mean ± std, n) | median "
+        "| adapter params | vs LoRA r=8 |",
+        "|---|---|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
         mark = {"top": " ↑", "bottom": " ↓"}.get(r.get("lr_edge", ""), "")
         swept = ", ".join(r.get("swept", [])) or "-"
         lines.append(
             f"| {r['variant']} | {r['levels']} | {r['lr']}{mark} | {swept} | {r['mean']:.4f} ± {r['std']:.4f} "
-            f"({r['n']}) | {r['adapter_params']:,} | {r['vs_lora']:.2f}x |"
+            f"({r['n']}) | {r['median']:.4f} | {r['adapter_params']:,} | {r['vs_lora']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
