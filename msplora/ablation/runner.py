@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from msplora.ablation.recipe import Recipe, base_recipe, parse
-from msplora.ablation.signature import _read, run_signature
+from msplora.ablation.signature import read_result, run_signature
 from msplora.ablation.variants import (
     ABLATIONS,
     RESULTS,
@@ -130,7 +130,7 @@ def run_variant(
     signature = run_signature(recipe, ratio)
 
     def run_one(lr: float, seed: int, path: Path) -> dict:
-        rec = _read(path, signature, lr, seed)
+        rec = read_result(path, signature, lr, seed)
         if rec is not None:
             log(f"[{name}] lr={lr_tag(lr)} seed={seed}: done before ({rec['test']:.4f}), skipped")
             return rec

@@ -61,12 +61,12 @@ def _outcome_keys(path: Path) -> object:
     return data
 
 
-def _same_run(rec: dict, signature: str | None, lr: float) -> bool:
+def same_run(rec: dict, signature: str | None, lr: float) -> bool:
     """Made under these settings at this LR (the seed is checked apart)."""
     return rec.get("signature") == signature and math.isclose(rec.get("lr", math.nan), lr, rel_tol=1e-9)
 
 
-def _read(path: Path, signature: str, lr: float, seed: int) -> dict | None:
+def read_result(path: Path, signature: str, lr: float, seed: int) -> dict | None:
     """A finished result of this very run (same settings, LR and seed), else None."""
     if not path.is_file():
         return None
@@ -74,4 +74,4 @@ def _read(path: Path, signature: str, lr: float, seed: int) -> dict | None:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return rec if _same_run(rec, signature, lr) and rec.get("seed") == seed else None
+    return rec if same_run(rec, signature, lr) and rec.get("seed") == seed else None

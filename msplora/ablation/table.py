@@ -12,7 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
-from msplora.ablation.signature import _same_run
+from msplora.ablation.signature import same_run
 from msplora.ablation.variants import RESULTS, AblationError
 from msplora.io import atomic_write, write_json_atomic, write_text_atomic
 
@@ -36,7 +36,7 @@ def collect(task: str, root: Path = RESULTS, log=print) -> dict[str, list[dict]]
         ref = recs[0][1]
         keep = []
         for path, rec in recs:
-            if _same_run(rec, ref.get("signature"), ref["lr"]):
+            if same_run(rec, ref.get("signature"), ref["lr"]):
                 keep.append(rec)
             else:
                 log(f"[report] {path}: made at another LR or with other settings than {recs[0][0].name}, left out")
