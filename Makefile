@@ -54,19 +54,36 @@ LRS ?=
 CONFIG ?=
 ARGS ?=
 EXTEND ?=
-ABL_OPTS = --task $(TASK) --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(CONFIG),--config $(CONFIG)) $(if $(EXTEND),--extend $(EXTEND))
+STEPS ?=
+ROOT ?=
+ABL_COMMON = --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(EXTEND),--extend $(EXTEND)) $(if $(STEPS),--steps $(STEPS)) $(if $(ROOT),--root $(ROOT))
+ABL_OPTS = --task $(TASK) $(if $(CONFIG),--config $(CONFIG)) $(ABL_COMMON)
 # The embedded task never needs the hubs; a GLUE task or your own config/ARGS may (hub model names).
 HUB_MODE = $(if $(or $(CONFIG),$(ARGS),$(filter-out sentiment,$(TASK))),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: ablation ablations ablation-report
-ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 CONFIG= ARGS="--trainer.x=y"]
+ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 STEPS= CONFIG= ROOT= ARGS="--trainer.x=y"]
 	$(HUB_MODE) $(PY) -m msplora.ablation run $(NAME) $(ABL_OPTS) -- $(ARGS)
 
 ablations: install ## run every variant in ablations/
 	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
 
 ablation-report: install ## table (markdown) + PNG of whatever ablation results exist
-	$(PY) -m msplora.ablation report --task $(TASK)
+	$(PY) -m msplora.ablation report --task $(TASK) $(if $(ROOT),--root $(ROOT))
+
+# GLUE with MiniLM: GLUE_VARIANTS on every GLUE_TASK (configs/minilm/<task>.yaml), JOBS tasks at
+# once (one process a task: on a GPU several share the card; on this 2-core CPU keep JOBS=1).
+# Results land where `make ablation` puts them, so finished runs are skipped and a suite resumes.
+GLUE_TASKS ?= mrpc rte stsb cola
+GLUE_VARIANTS ?= full lora lora_budget
+JOBS ?= 1
+.PHONY: glue-ablations
+glue-ablations: install ## GLUE_VARIANTS x GLUE_TASKS on MiniLM, JOBS tasks at once (logs: runs/glue/<task>.log), then each task's report
+	mkdir -p runs/glue
+	printf '%s\n' $(GLUE_TASKS) | xargs -P $(JOBS) -I{} sh -c '$(PY) -m msplora.ablation run $(GLUE_VARIANTS) \
+		--task {} --config configs/minilm/{}.yaml $(ABL_COMMON) \
+		-- $(ARGS) > runs/glue/{}.log 2>&1 && echo "{}: done" || { echo "{}: failed, see runs/glue/{}.log"; exit 1; }'
+	for t in $(GLUE_TASKS); do $(PY) -m msplora.ablation report --task $$t $(if $(ROOT),--root $(ROOT)) || exit 2; done
 
 # -- search (issue: Optuna search) --------------------------------------------------------------
 TRIALS ?= 20
