@@ -642,6 +642,14 @@ def test_datamodule_split_left_empty_by_truncation_is_a_data_error(tok, tmp_path
         DataError, match=r"train split is empty: all 4 have no reply token.*Fix: raise data\.cutoff_len"
     ):
         dm.setup("fit")
+    assert dm.datasets == {} and dm.splits == {}  # nothing half-set
+    dm = I.InstructionDataModule(data=str(path), cutoff_len=64)  # train fine, validation all too long
+    dm.tokenizer = tok
+    good, bad = I.normalize_record({"messages": MULTI}, "t", 0), I.normalize_record(long_prompt, "t", 1)
+    dm._load_splits = lambda: {"train": [good] * 4, "validation": [bad] * 2}
+    with pytest.raises(DataError, match="validation split is empty"):
+        dm.setup("fit")
+    assert dm.datasets == {} and dm.splits == {}  # train was encoded, but not kept
     fine = write_jsonl(tmp_path / "ok.jsonl", [{"messages": MULTI}] * 4)
     dm = I.InstructionDataModule(data=str(fine), cutoff_len=64, val_size=0)  # no validation: allowed
     dm.tokenizer = tok

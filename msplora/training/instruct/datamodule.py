@@ -174,11 +174,15 @@ class InstructionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        self.splits = self._load_splits()
+        splits = self._load_splits()
         if self.max_train_samples is not None:
-            self.splits["train"] = self.splits["train"][: self.max_train_samples]
-        for split, conversations in self.splits.items():
-            self.datasets[split] = self._encode(conversations, split, pack=self.packing and split == "train")
+            splits["train"] = splits["train"][: self.max_train_samples]
+        # Built apart and kept only whole: a split that refuses (DataError) leaves no half-set module
+        # that a later setup() would take as done.
+        datasets = {
+            split: self._encode(c, split, pack=self.packing and split == "train") for split, c in splits.items()
+        }
+        self.splits, self.datasets = splits, datasets
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
