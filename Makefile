@@ -56,7 +56,8 @@ ARGS ?=
 EXTEND ?=
 STEPS ?=
 ROOT ?=
-ABL_COMMON = --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(EXTEND),--extend $(EXTEND)) $(if $(STEPS),--steps $(STEPS)) $(if $(ROOT),--root $(ROOT))
+ROOT_OPT = $(if $(ROOT),--root $(ROOT))
+ABL_COMMON = --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(EXTEND),--extend $(EXTEND)) $(if $(STEPS),--steps $(STEPS)) $(ROOT_OPT)
 ABL_OPTS = --task $(TASK) $(if $(CONFIG),--config $(CONFIG)) $(ABL_COMMON)
 # The embedded task never needs the hubs; a GLUE task or your own config/ARGS may (hub model names).
 HUB_MODE = $(if $(or $(CONFIG),$(ARGS),$(filter-out sentiment,$(TASK))),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
@@ -69,7 +70,7 @@ ablations: install ## run every variant in ablations/
 	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
 
 ablation-report: install ## table (markdown) + PNG of whatever ablation results exist
-	$(PY) -m msplora.ablation report --task $(TASK) $(if $(ROOT),--root $(ROOT))
+	$(PY) -m msplora.ablation report --task $(TASK) $(ROOT_OPT)
 
 # GLUE with MiniLM: GLUE_VARIANTS on every GLUE_TASK (configs/minilm/<task>.yaml), JOBS tasks at
 # once (one process a task: on a GPU several share the card; on this 2-core CPU keep JOBS=1).
@@ -83,7 +84,7 @@ glue-ablations: install ## GLUE_VARIANTS x GLUE_TASKS on MiniLM, JOBS tasks at o
 	printf '%s\n' $(GLUE_TASKS) | xargs -P $(JOBS) -I{} sh -c '$(PY) -m msplora.ablation run $(GLUE_VARIANTS) \
 		--task {} --config configs/minilm/{}.yaml $(ABL_COMMON) \
 		-- $(ARGS) > runs/glue/{}.log 2>&1 && echo "{}: done" || { echo "{}: failed, see runs/glue/{}.log"; exit 1; }'
-	for t in $(GLUE_TASKS); do $(PY) -m msplora.ablation report --task $$t $(if $(ROOT),--root $(ROOT)) || exit 2; done
+	for t in $(GLUE_TASKS); do $(PY) -m msplora.ablation report --task $$t $(ROOT_OPT) || exit 2; done
 
 # -- search (issue: Optuna search) --------------------------------------------------------------
 TRIALS ?= 20
