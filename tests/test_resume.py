@@ -24,6 +24,7 @@ import msplora
 from msplora.training.callbacks import AtomicCheckpointIO, LineProgress, progress_bar
 from msplora.training.cli import claim_run_dir, cli_main
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
+from msplora.training.data import DataError
 from msplora.training.module import MSPLoRAModule
 from tests.conftest import REPO, run_ddp_script
 
@@ -373,6 +374,22 @@ def test_fit_failing_before_its_first_step_leaves_no_run_folder(tmp_path, tiny_b
     with pytest.raises(msplora.ConfigError, match="matches no module"):
         cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--model.pyramid.targets=[q_proj]")])
     assert list(tmp_path.glob("version_*")) == []
+
+
+def test_refused_fit_removes_the_root_folders_it_created_and_keeps_others(tmp_path, tiny_bert_dir):
+    """default_root_dir that did not exist goes with the run; one that held something stays as it was."""
+    bad = ("--data.init_args.task=mrpc", f"--data.init_args.data_dir={tmp_path / 'no_data'}")  # refused in prepare_data
+    (tmp_path / "no_data").mkdir()
+    with pytest.raises(DataError, match="no 'train' file"):
+        cli_main(["fit", *fit_args(tmp_path / "new" / "runs", tiny_bert_dir, *bad)])
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "version_0").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="no 'train' file"):
+        cli_main(["fit", *fit_args(kept, tiny_bert_dir, *bad)])
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "version_0"]
+    assert list((kept / "version_0").iterdir()) == []
 
 
 def test_finished_fit_writes_status_and_progress_lines(tmp_path, tiny_bert_dir, capsys):

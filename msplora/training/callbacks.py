@@ -237,16 +237,26 @@ class LastCheckpoint(Checkpoint):
 class RunStatus(L.Callback):
     """``<run>/status.json``: running (with pid and host), then finished, failed (with the error)
     or interrupted, so tools can tell a finished run from a crashed or a running one. A fresh fit
-    that fails before its first step removes its run folder (it holds nothing worth keeping).
+    that fails before its first step removes its run folder (it holds nothing worth keeping), and
+    the parents that the fit created for it (``default_root_dir``) once they are empty.
 
     Args:
         root: the run folder (the CLI claims it); None = ``trainer.log_dir``.
         fresh: the folder was created for this run (not a resumed one): it may be removed.
         resumed_from: the checkpoint a resumed fit started from, recorded in the file.
+        made: the outermost folder created for the run (``root`` or a parent of it), or None when
+            only ``root`` was: removed with the run, each level only while it is empty (another
+            fit may have claimed a sibling meanwhile).
     """
 
-    def __init__(self, root: Path | None = None, fresh: bool = True, resumed_from: str | None = None) -> None:
-        self.root, self.fresh, self.resumed_from = root, fresh, resumed_from
+    def __init__(
+        self,
+        root: Path | None = None,
+        fresh: bool = True,
+        resumed_from: str | None = None,
+        made: Path | None = None,
+    ) -> None:
+        self.root, self.fresh, self.resumed_from, self.made = root, fresh, resumed_from, made
         self.state: dict = {}
         self.failed = False
 
@@ -285,11 +295,23 @@ class RunStatus(L.Callback):
                 import shutil
 
                 shutil.rmtree(self.root, ignore_errors=True)
+                self._remove_made_parents()
                 return
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         message = str(exception).strip().splitlines()
         error = f"{type(exception).__name__}: {message[0] if message else ''}"
         self._write(trainer, status=status, error=error, ended=_now())
+
+    def _remove_made_parents(self) -> None:
+        if self.made is None or self.made == self.root or self.made not in self.root.parents:
+            return
+        for folder in self.root.parents:
+            try:
+                folder.rmdir()  # only an empty folder goes
+            except OSError:
+                return
+            if folder == self.made:
+                return
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if not self.failed:

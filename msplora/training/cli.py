@@ -60,6 +60,17 @@ def claim_run_dir(root: Path) -> int:
             version += 1
 
 
+def first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (what a
+    ``mkdir(parents=True)`` of ``path`` would create first), or None when ``path`` exists."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 def find_last_checkpoint(root: Path) -> Path | None:
     """The newest ``root/version_N/checkpoints/last.ckpt``, or None."""
     found = [p for p in root.glob("version_*/checkpoints/last.ckpt") if RUN_DIR.fullmatch(p.parent.parent.name)]
@@ -232,8 +243,10 @@ class MSPLoRACLI(LightningCLI):
 
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
         fresh = version is None
+        made = None  # the outermost folder this fit creates: a refusal before the first step removes it again
         if own_logger:
             if version is None and rank_zero_only.rank == 0:  # other DDP ranks write no logs
+                made = first_missing(root)
                 version = claim_run_dir(root)
             csv_logger = CSVLogger(root, name="", version=version)
             tb = TensorBoardLogger(root, name="", version=csv_logger.version, sub_dir="tb", purge_step=purge_step)
@@ -245,7 +258,7 @@ class MSPLoRACLI(LightningCLI):
                 for step, values in keep_rows:
                     csv_logger.log_metrics(values, step)
         run = root / f"version_{version}" if own_logger and version is not None else None
-        trainer.callbacks.append(RunStatus(run, fresh=fresh, resumed_from=resumed_from))
+        trainer.callbacks.append(RunStatus(run, fresh=fresh, resumed_from=resumed_from, made=made))
         return trainer
 
     def _resolve_ckpt_path(self, cfg, root: Path) -> Path | None:
