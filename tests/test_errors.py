@@ -275,6 +275,12 @@ CASES = [
     Case("ablation_names_and_all", cmd(*ABLATION, "full", "--all"), "give variant names or --all"),
     Case("ablation_no_names", cmd(*ABLATION), "give variant names or --all"),
     Case("ablation_config_missing", cmd(*ABLATION, "full", "--config", "{root}/none.yaml"), "no such file"),
+    Case(
+        "ablation_config_missing_names_the_tasks_configs",
+        cmd(*ABLATION, "full", "--task", "rte", "--config", "{root}/configs/minilm/rte.yml"),
+        "rte.yml: no such file",
+        "configs/minilm/rte.yaml or configs/rte.yaml",
+    ),
     Case("ablation_task_without_config", cmd(*ABLATION, "full", "--task", "imdb"), "no configs/imdb.yaml"),
     Case("ablation_no_subcommand", cmd("ablation"), "required: cmd"),
     Case("ablation_report_empty", cmd("ablation", "report", "--root", "{out}"), "no results under"),

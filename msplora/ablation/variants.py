@@ -60,7 +60,9 @@ def task_config(task: str, config: str | None) -> Path:
     if config is not None:
         path = Path(config)
         if not path.is_file():
-            raise AblationError(f"--config {config}: no such file. Fix: pass a task config such as configs/rte.yaml")
+            found = sorted(str(p.relative_to(CONFIGS.parent)) for p in CONFIGS.rglob(f"{task}.yaml"))
+            such = " or ".join(found) if found else "configs/rte.yaml"
+            raise AblationError(f"--config {config}: no such file. Fix: pass a task config such as {such}")
         return path
     if task == DEFAULT_TASK:
         return CONFIGS / "demo.yaml"
