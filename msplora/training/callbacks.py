@@ -244,9 +244,10 @@ class RunStatus(L.Callback):
         root: the run folder (the CLI claims it); None = ``trainer.log_dir``.
         fresh: the folder was created for this run (not a resumed one): it may be removed.
         resumed_from: the checkpoint a resumed fit started from, recorded in the file.
-        made: the outermost folder created for the run (``root`` or a parent of it), or None when
-            only ``root`` was: removed with the run, each level only while it is empty (another
-            fit may have claimed a sibling meanwhile).
+        claim: the logger that claims a new run's folder when the run starts
+            (``msplora.training.cli.RunFolderLogger``): its ``claimed`` folder and the parents it
+            ``made`` go when the run fails before its first step, even before ``setup`` (a refusal
+            in ``prepare_data``); a parent only while it is empty (another fit may use it).
     """
 
     def __init__(
@@ -254,9 +255,9 @@ class RunStatus(L.Callback):
         root: Path | None = None,
         fresh: bool = True,
         resumed_from: str | None = None,
-        made: Path | None = None,
+        claim=None,
     ) -> None:
-        self.root, self.fresh, self.resumed_from, self.made = root, fresh, resumed_from, made
+        self.root, self.fresh, self.resumed_from, self.claim = root, fresh, resumed_from, claim
         self.state: dict = {}
         self.failed = False
 
@@ -290,6 +291,8 @@ class RunStatus(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         self.failed = True
+        if self.root is None and self.claim is not None:
+            self.root = self.claim.claimed  # failed before setup (prepare_data): None if never claimed
         if trainer.is_global_zero and self.fresh and trainer.global_step == 0 and self.root is not None:
             if not any(self.root.glob("checkpoints/*.ckpt")):
                 import shutil
@@ -303,14 +306,15 @@ class RunStatus(L.Callback):
         self._write(trainer, status=status, error=error, ended=_now())
 
     def _remove_made_parents(self) -> None:
-        if self.made is None or self.made == self.root or self.made not in self.root.parents:
+        made = getattr(self.claim, "made", None)
+        if made is None or made == self.root or made not in self.root.parents:
             return
         for folder in self.root.parents:
             try:
                 folder.rmdir()  # only an empty folder goes
             except OSError:
                 return
-            if folder == self.made:
+            if folder == made:
                 return
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:

@@ -3,7 +3,8 @@
 Repeated ``--config`` files compose (base, task, ablation overlay); the resolved config is
 saved beside every run as ``config.yaml``. Unless ``trainer.logger`` is set, each run logs
 to ``<default_root_dir>/version_N/`` with CSV (metrics.csv) and TensorBoard (tb/); the folder
-is claimed with an atomic ``mkdir``, so two fits started at once never share one.
+is claimed with an atomic ``mkdir`` when the run starts (building one writes nothing), so
+two fits started at once never share one.
 
 Resuming: ``fit --ckpt_path last`` continues the newest run under ``default_root_dir`` that has
 a ``checkpoints/last.ckpt`` (``--ckpt_path <run>/checkpoints/x.ckpt`` continues that run), in
@@ -69,6 +70,39 @@ def first_missing(path: Path) -> Path | None:
             break
         missing = p
     return missing
+
+
+class RunFolderLogger(CSVLogger):
+    """CSV metrics in ``root/version_N``. Without a version, N is claimed (``claim_run_dir``, an
+    atomic mkdir) the first time the run asks for it, i.e. when fit or validate starts.
+
+    ``claimed`` is then the folder and ``made`` the outermost folder the claim created (the folder
+    or a parent of it): :class:`RunStatus` removes them when the run fails before its first step."""
+
+    def __init__(self, root: Path, version: int | None = None) -> None:
+        super().__init__(root, name="", version=version)
+        self.claimed: Path | None = None
+        self.made: Path | None = None
+
+    def _get_next_version(self) -> int:
+        if rank_zero_only.rank != 0:  # other DDP ranks write no logs; their log dir is rank 0's (broadcast)
+            return super()._get_next_version()
+        root = Path(self.root_dir)
+        made = first_missing(root)
+        version = claim_run_dir(root)
+        self.claimed, self.made = root / f"version_{version}", made or root / f"version_{version}"
+        return version
+
+
+class FollowingTensorBoardLogger(TensorBoardLogger):
+    """TensorBoard in ``<run>/tb``, the run folder of ``lead`` (claimed by it when first needed)."""
+
+    def __init__(self, lead: CSVLogger, root: Path, version: int | None = None, purge_step: int | None = None) -> None:
+        super().__init__(root, name="", version=version, sub_dir="tb", purge_step=purge_step)
+        self.lead = lead
+
+    def _get_next_version(self) -> int:
+        return self.lead.version
 
 
 def find_last_checkpoint(root: Path) -> Path | None:
@@ -243,14 +277,14 @@ class MSPLoRACLI(LightningCLI):
 
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
         fresh = version is None
-        made = None  # the outermost folder this fit creates: a refusal before the first step removes it again
+        claim = None
         if own_logger:
-            if version is None and rank_zero_only.rank == 0:  # other DDP ranks write no logs
-                made = first_missing(root)
-                version = claim_run_dir(root)
-            csv_logger = CSVLogger(root, name="", version=version)
-            tb = TensorBoardLogger(root, name="", version=csv_logger.version, sub_dir="tb", purge_step=purge_step)
+            # A new run's folder is claimed when the run starts (fit/validate first asks for the log
+            # dir), not here: building a run (compose, the ablation runner's parse) writes nothing.
+            csv_logger = RunFolderLogger(root, version=version)
+            tb = FollowingTensorBoardLogger(csv_logger, root, version=version, purge_step=purge_step)
             trainer.loggers = [csv_logger, tb]
+            claim = csv_logger if fresh else None
             if keep_rows:
                 with warnings.catch_warnings():  # "...will be deleted": it is, and rewritten from keep_rows
                     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
@@ -258,7 +292,7 @@ class MSPLoRACLI(LightningCLI):
                 for step, values in keep_rows:
                     csv_logger.log_metrics(values, step)
         run = root / f"version_{version}" if own_logger and version is not None else None
-        trainer.callbacks.append(RunStatus(run, fresh=fresh, resumed_from=resumed_from, made=made))
+        trainer.callbacks.append(RunStatus(run, fresh=fresh, resumed_from=resumed_from, claim=claim))
         return trainer
 
     def _resolve_ckpt_path(self, cfg, root: Path) -> Path | None:

@@ -137,7 +137,8 @@ def compose(
     root_dir: str | PathLike | None = None,
 ) -> Setup:
     """Parse and build one fit. A bad key or value raises ``msplora.errors.UsageError`` (one line),
-    a config that does not fit the model ``msplora.ConfigError``; nothing is written before."""
+    a config that does not fit the model ``msplora.ConfigError``. Nothing is written: the run's
+    folder (``root_dir/version_N``) is claimed when ``fit`` starts."""
     from msplora.training.cli import cli_main
 
     argv = [x for c in configs for x in ("--config", str(c))]
