@@ -6,6 +6,7 @@
           │                       jsonargparse's ArgumentError (explained: key, valid keys)
           ▼                       SystemExit("message") of older entry points
     run_command (the one boundary) ──> the line above, exit 2     (--debug / MSPLORA_DEBUG=1: traceback)
+                                   ├─> SIGTERM (Lightning's SIGTERMException): one line, exit 143
                                    └─> any other exception: a traceback (it is our bug)
 
 An error is the user's when the user can fix it: config, data, model path, checkpoint, adapter
@@ -39,6 +40,7 @@ __all__ = [
 
 DEBUG_ENV = "MSPLORA_DEBUG"
 EXIT_USER_ERROR = 2  # argparse's status for bad usage; the house status for every user error
+EXIT_SIGTERM = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
 
 class UserError(Exception):
@@ -295,6 +297,16 @@ def run_command(command: str, fn: Callable[[list[str]], object], argv: Sequence[
     try:
         result = fn(strip_debug(argv))
     except SystemExit as e:
+        if _is_sigterm(e):
+            # Lightning stops a fit at the next batch on SIGTERM with a SystemExit of no code, which
+            # would exit 0: a scheduler, `make` or a shell loop would take the stopped run for done.
+            sys.stderr.write(
+                f"msplora {command}: stopped by SIGTERM before it finished. Fix: run the same command again "
+                "(a fit continues from its newest last.ckpt with --ckpt_path last; the ablation runner "
+                "and the search redo only the unfinished runs)\n"
+            )
+            sys.stderr.flush()
+            raise SystemExit(EXIT_SIGTERM) from None
         # `raise SystemExit("message")` (older entry points) and AblationError (a SystemExit with
         # code 2 and its message in args): a message for the user. An int alone (argparse's
         # --help, or a message already printed) passes through.
@@ -309,6 +321,12 @@ def run_command(command: str, fn: Callable[[list[str]], object], argv: Sequence[
             raise
         _fail(command, message)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _is_sigterm(e: SystemExit) -> bool:
+    """Lightning's SIGTERMException (imported only if Lightning already is)."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(e, exceptions.SIGTERMException)
 
 
 def _fail(command: str, message: str):

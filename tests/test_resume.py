@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 import msplora
 from msplora.training.callbacks import AtomicCheckpointIO, LineProgress, progress_bar
 from msplora.training.cli import claim_run_dir, cli_main
-from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 from msplora.training.data import DataError
+from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 from msplora.training.module import MSPLoRAModule
 from tests.conftest import REPO, run_ddp_script
 
@@ -168,6 +168,45 @@ cli = cli_main(sys.argv[2:], run=False)
 cli.trainer.callbacks.append(KillAt(int(sys.argv[1])))
 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 """
+
+
+TERM_AT = """
+import os, signal
+import lightning as L
+
+class TermAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_stops_the_fit_with_status_143_and_says_so(tmp_path, tiny_bert_dir):
+    """Lightning stops at the next batch with a SystemExit of no code: exit 0 would tell `make`, a
+    shell loop or a scheduler that the run finished. It is 143 (as a shell reports SIGTERM), one
+    line on stderr, and the run's status.json says interrupted."""
+    (tmp_path / "term_at.py").write_text(TERM_AT)
+    root = tmp_path / "runs"
+    args = fit_args(root, tiny_bert_dir, "--trainer.max_epochs=3", "--last_checkpoint.every_n_steps=2")
+    args += ['--trainer.callbacks+={"class_path": "term_at.TermAt", "init_args": {"step": 7}}']
+    proc = subprocess.run(
+        [sys.executable, "-m", "msplora", "fit", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"},
+        timeout=600,
+    )
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("msplora fit: stopped by SIGTERM") and "--ckpt_path last" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    status = json.loads((root / "version_0" / "status.json").read_text())
+    assert (status["status"], status["error"], status["global_step"]) == ("interrupted", "SIGTERM", 7)
+    assert torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
 def csv_rows(run: Path) -> list[dict]:

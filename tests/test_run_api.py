@@ -119,7 +119,9 @@ def test_later_sources_win_in_the_documented_order(tmp_path, tiny_bert_dir):
     assert setup.model.hparams.lr == 0.75
     setup = compose([BASE, overlay], tiny(tiny_bert_dir))
     assert setup.model.hparams.lr == 0.25
-    setup = compose([BASE], tiny(tiny_bert_dir), args=[f"--trainer.default_root_dir={tmp_path}/a"], root_dir=tmp_path / "b")
+    setup = compose(
+        [BASE], tiny(tiny_bert_dir), args=[f"--trainer.default_root_dir={tmp_path}/a"], root_dir=tmp_path / "b"
+    )
     assert setup.trainer.default_root_dir == str(tmp_path / "b")
 
 
@@ -133,7 +135,9 @@ def test_compose_writes_nothing_and_the_fit_claims_its_folder(tmp_path, tiny_ber
     fit(a)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["version_0", "version_1"]
     assert a.trainer.log_dir == str(tmp_path / "runs" / "version_1")
-    assert (tmp_path / "runs" / "version_1" / "tb").is_dir() and (tmp_path / "runs" / "version_1" / "metrics.csv").is_file()
+    assert (tmp_path / "runs" / "version_1" / "tb").is_dir() and (
+        tmp_path / "runs" / "version_1" / "metrics.csv"
+    ).is_file()
 
 
 def test_a_bad_key_is_one_line_and_writes_nothing(tmp_path, tiny_bert_dir):

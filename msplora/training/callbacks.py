@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import msplora
 from msplora.io import atomic_write, read_json, write_json_atomic
@@ -300,9 +301,13 @@ class RunStatus(L.Callback):
                 shutil.rmtree(self.root, ignore_errors=True)
                 self._remove_made_parents()
                 return
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
         message = str(exception).strip().splitlines()
-        error = f"{type(exception).__name__}: {message[0] if message else ''}"
+        error = (
+            "SIGTERM"
+            if isinstance(exception, SIGTERMException)
+            else f"{type(exception).__name__}: {message[0] if message else ''}"
+        )
         self._write(trainer, status=status, error=error, ended=_now())
 
     def _remove_made_parents(self) -> None:
