@@ -172,8 +172,8 @@ def supervise(study, storage, plan: RunPlan) -> int:
     waiting_told = False
 
     def stop_workers(*_):
-        # SIGINT, not SIGTERM: Lightning only notes a SIGTERM and trains on; a KeyboardInterrupt ends
-        # fit and Optuna marks the trial FAIL (a rerun replaces it). A second signal kills.
+        # SIGINT: a KeyboardInterrupt ends the fit at once (a SIGTERM only at the next batch end) and
+        # Optuna marks the trial FAIL (a rerun replaces it). A second signal kills.
         sig = signal.SIGKILL if stopping else signal.SIGINT
         stopping.append(time.time())
         for p in procs:
