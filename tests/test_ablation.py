@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +15,7 @@ import yaml
 import msplora
 from msplora import ablation
 from msplora.training.cli import cli_main
+from msplora.training.predictions import decode, encode
 
 VARIANTS = ablation.variant_names()
 REQUIRED = {
@@ -63,7 +65,8 @@ def test_overlay_is_a_hypothesis_plus_pyramid_keys_only(name):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# Hypothesis: ") and len(first) > 30
     data = yaml.safe_load(path.read_text())
-    assert set(data) == {"model"} and set(data["model"]) == {"pyramid"}
+    # pyramid keys only; the head-only floor also freezes the adapter (model.train_adapter)
+    assert set(data) == {"model"} and set(data["model"]) - {"train_adapter"} == {"pyramid"}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -155,7 +158,7 @@ def fake_fit(monkeypatch):
     calls: list[tuple[float, int]] = []
     fail_at: dict = {}
 
-    def fit_and_test(recipe, lr, seed, ratio, run_dir):
+    def fit_and_test(recipe, lr, seed, run_dir):
         if (lr, seed) == fail_at.get("at"):
             raise KeyboardInterrupt
         calls.append((lr, seed))
@@ -164,7 +167,9 @@ def fake_fit(monkeypatch):
         return {
             "task": "sentiment",
             "metric": "accuracy",
-            "val": fail_at.get("vals", {1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75})[lr],
+            "val": fail_at["val_of"](lr, seed)
+            if "val_of" in fail_at
+            else fail_at.get("vals", {1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75})[lr],
             "test": 0.5 + seed / 100,
             "lr": lr,
             "seed": seed,
@@ -178,19 +183,28 @@ def fake_fit(monkeypatch):
     return calls, fail_at
 
 
-def test_runner_sweeps_on_seed0_then_runs_seeds_at_the_chosen_lr(tmp_path, tiny_bert_dir, fake_fit):
+S = ablation.SELECTION_SEED  # the seed that chooses the LR; reported seeds are 0..n-1
+
+
+def test_runner_sweeps_on_the_selection_seed_then_runs_the_reported_seeds_at_the_chosen_lr(
+    tmp_path, tiny_bert_dir, fake_fit
+):
     calls, _ = fake_fit
     extra = [f"--model.model={tiny_bert_dir}"]
     recs = ablation.run_variant(
         "no_mid", "sentiment", 3, [1e-3, 2e-3, 4e-3], None, 2, extra, root=tmp_path, log=lambda *_: None
     )
-    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (2e-3, 1), (2e-3, 2)]  # best val: 2e-3
-    assert [r["lr"] for r in recs] == [2e-3] * 3
+    # best val: 2e-3; no reported seed took part in choosing it
+    assert calls == [(1e-3, S), (2e-3, S), (4e-3, S), (2e-3, 0), (2e-3, 1), (2e-3, 2)]
+    assert [r["lr"] for r in recs] == [2e-3] * 3 and [r["seed"] for r in recs] == [0, 1, 2]
     out = tmp_path / "sentiment" / "no_mid"
     seed0 = json.loads((out / "seed0.json").read_text())
     assert seed0["lr_sweep"] == {"0.001": 0.7, "0.002": 0.8, "0.004": 0.75} and seed0["variant"] == "no_mid"
+    assert seed0["selection_seeds"] == [S] and seed0["role"] == "report" and seed0["protocol"] == 2
     assert seed0["hypothesis"].startswith("the mid level")
-    assert sorted(p.name for p in (out / "lr_sweep").iterdir()) == ["lr0.001.json", "lr0.002.json", "lr0.004.json"]
+    names = sorted(p.name for p in (out / "lr_sweep").iterdir())
+    assert names == [f"lr0.001_seed{S}.json", f"lr0.002_seed{S}.json", f"lr0.004_seed{S}.json"]
+    assert json.loads((out / "lr_sweep" / names[0]).read_text())["role"] == "selection"
 
     calls.clear()  # a rerun does nothing
     ablation.run_variant(
@@ -201,7 +215,43 @@ def test_runner_sweeps_on_seed0_then_runs_seeds_at_the_chosen_lr(tmp_path, tiny_
     ablation.run_variant(
         "no_mid", "sentiment", 1, [1e-3, 2e-3, 4e-3], None, 3, extra, root=tmp_path, log=lambda *_: None
     )
-    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0)]
+    assert calls == [(1e-3, S), (2e-3, S), (4e-3, S), (2e-3, 0)]
+
+
+def test_several_selection_seeds_choose_by_their_mean(tmp_path, tiny_bert_dir, fake_fit):
+    calls, knobs = fake_fit
+    knobs["vals"] = {1e-3: 0.7, 2e-3: 0.8}
+    knobs["val_of"] = lambda lr, seed: 0.9 if (lr, seed) == (1e-3, S) else knobs["vals"][lr]  # mean 0.8 vs 0.8: tie
+    extra = [f"--model.model={tiny_bert_dir}"]
+    recs = ablation.run_variant(
+        "full", "sentiment", 1, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None, selection_seeds=2
+    )
+    assert calls[:4] == [(1e-3, S), (1e-3, S + 1), (2e-3, S), (2e-3, S + 1)] and calls[4][1] == 0
+    assert recs[0]["selection_seeds"] == [S, S + 1] and recs[0]["lr_sweep"] == {"0.001": 0.8, "0.002": 0.8}
+
+
+def test_the_head_lr_is_the_task_s_for_every_swept_lr(tiny_bert_dir, monkeypatch):
+    """Protocol 2: the head trains at the config's head_lr (demo.yaml: 2e-3) whatever the adapter LR."""
+    seen = []
+
+    def fake_fit(setup, test):
+        seen.append((setup.model.hparams.lr, setup.model.hparams.head_lr))
+        raise KeyboardInterrupt
+
+    import msplora.training.run as run
+
+    monkeypatch.setattr(run, "fit", fake_fit)
+    for lr in (1e-3, 4e-3):
+        with pytest.raises(KeyboardInterrupt):
+            recipe = ablation.base_recipe(
+                ablation.variant_path("full"),
+                ablation.task_config("sentiment", None),
+                2,
+                [f"--model.model={tiny_bert_dir}"],
+            )
+            recipe = ablation.Recipe(recipe.configs, {**recipe.overrides, "model.head_lr": 2e-3}, recipe.extra)
+            ablation.fit_and_test(recipe, lr, 0, Path("/nonexistent/run"))
+    assert seen == [(1e-3, 2e-3), (4e-3, 2e-3)]
 
 
 def test_a_wider_grid_runs_only_new_lrs_and_redoes_seeds_when_the_choice_moves(tmp_path, tiny_bert_dir, fake_fit):
@@ -209,16 +259,16 @@ def test_a_wider_grid_runs_only_new_lrs_and_redoes_seeds_when_the_choice_moves(t
     extra = [f"--model.model={tiny_bert_dir}"]
     quiet = {"root": tmp_path, "log": lambda *_: None}
     ablation.run_variant("full", "sentiment", 3, [1e-3, 4e-3], None, 2, extra, **quiet)
-    assert calls == [(1e-3, 0), (4e-3, 0), (4e-3, 1), (4e-3, 2)]  # best of the two: 4e-3
+    assert calls == [(1e-3, S), (4e-3, S), (4e-3, 0), (4e-3, 1), (4e-3, 2)]  # best of the two: 4e-3
     calls.clear()
     recs = ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3, 4e-3], None, 2, extra, **quiet)
-    assert calls == [(2e-3, 0), (2e-3, 1), (2e-3, 2)]  # only the new LR, then the seeds at the new choice
+    assert calls == [(2e-3, S), (2e-3, 0), (2e-3, 1), (2e-3, 2)]  # only the new LR, then the seeds at the new choice
     assert [r["lr"] for r in recs] == [2e-3] * 3
     seed0 = json.loads((tmp_path / "sentiment" / "full" / "seed0.json").read_text())
     assert seed0["lr"] == 2e-3 and seed0["lr_sweep"] == {"0.001": 0.7, "0.002": 0.8, "0.004": 0.75}
     calls.clear()  # back to the narrow grid: its runs are all still there, the seeds move back
     ablation.run_variant("full", "sentiment", 3, [1e-3, 4e-3], None, 2, extra, **quiet)
-    assert calls == [(4e-3, 1), (4e-3, 2)]
+    assert calls == [(4e-3, 0), (4e-3, 1), (4e-3, 2)]
 
 
 def test_editing_an_overlay_makes_its_results_stale(tmp_path, tiny_bert_dir, fake_fit):
@@ -235,7 +285,7 @@ def test_editing_an_overlay_makes_its_results_stale(tmp_path, tiny_bert_dir, fak
     assert calls == []
     overlay.write_text(overlay.read_text().replace("rank: 8", "rank: 6"))
     ablation.run_variant("mine", "sentiment", 1, [1e-3], None, 2, extra, **kw)
-    assert calls == [(1e-3, 0)]
+    assert calls == [(1e-3, S), (1e-3, 0)]
 
 
 def test_the_embedded_task_sweeps_its_own_grid(tmp_path, tiny_bert_dir, fake_fit):
@@ -243,7 +293,7 @@ def test_the_embedded_task_sweeps_its_own_grid(tmp_path, tiny_bert_dir, fake_fit
     ablation.run_variant(
         "full", "sentiment", 1, None, None, 2, [f"--model.model={tiny_bert_dir}"], root=tmp_path, log=lambda *_: None
     )
-    assert [lr for lr, _ in calls] == list(ablation.EMBEDDED_LRS)
+    assert [lr for lr, seed in calls if seed == S] == list(ablation.EMBEDDED_LRS)
 
 
 def test_next_lr_steps_outwards_only_from_an_edge():
@@ -260,20 +310,20 @@ def test_a_best_lr_on_the_edge_extends_the_sweep_until_it_is_inside(tmp_path, ti
     extra = [f"--model.model={tiny_bert_dir}"]
     quiet = {"root": tmp_path, "log": lambda *_: None}
     ablation.run_variant("full", "sentiment", 2, [1e-3, 2e-3, 4e-3], None, 2, extra, extend=1, **quiet)
-    assert calls == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (8e-3, 0), (8e-3, 1)]  # one step allowed: still on the edge
+    assert calls == [(1e-3, S), (2e-3, S), (4e-3, S), (8e-3, S), (8e-3, 0), (8e-3, 1)]  # one step: still on the edge
     ablation.report("sentiment", tmp_path)
     row = next(r for r in ablation.summarise(ablation.collect("sentiment", tmp_path)) if r["variant"] == "full")
     assert row["lr_edge"] == "top" and row["swept"] == ["0.001", "0.002", "0.004", "0.008"]
     assert "| 0.008 ↑ | 0.001, 0.002, 0.004, 0.008 |" in (tmp_path / "sentiment" / "report.md").read_text()
     calls.clear()  # a second step finds the peak: 1.6e-2 is worse, so 8e-3 is inside and stays chosen
     recs = ablation.run_variant("full", "sentiment", 2, [1e-3, 2e-3, 4e-3], None, 2, extra, extend=2, **quiet)
-    assert calls == [(1.6e-2, 0)] and [r["lr"] for r in recs] == [8e-3, 8e-3]
+    assert calls == [(1.6e-2, S)] and [r["lr"] for r in recs] == [8e-3, 8e-3]
     row = ablation.summarise(ablation.collect("sentiment", tmp_path))[0]
     assert row["lr_edge"] == "" and len(row["swept"]) == 5
     calls.clear()  # and at the bottom edge
     knobs["vals"] = {5e-4: 0.9, 2.5e-4: 0.8, 1e-3: 0.7, 2e-3: 0.6}
     ablation.run_variant("no_mid", "sentiment", 1, [1e-3, 2e-3], None, 2, extra, extend=3, **quiet)
-    assert calls == [(1e-3, 0), (2e-3, 0), (5e-4, 0), (2.5e-4, 0)]
+    assert calls == [(1e-3, S), (2e-3, S), (5e-4, S), (2.5e-4, S), (5e-4, 0)]
 
 
 def test_an_interrupted_seed_leaves_no_file_and_is_rerun(tmp_path, tiny_bert_dir, fake_fit):
@@ -284,7 +334,7 @@ def test_an_interrupted_seed_leaves_no_file_and_is_rerun(tmp_path, tiny_bert_dir
         ablation.run_variant("full", "sentiment", 3, [1e-3, 2e-3], None, 2, extra, root=tmp_path, log=lambda *_: None)
     out = tmp_path / "sentiment" / "full"
     # every file there, hidden ones included (pathlib's "*" matches dot-files): nothing but the finished runs
-    finished = ["lr_sweep/lr0.001.json", "lr_sweep/lr0.002.json", "seed0.json", "seed1.json"]
+    finished = [f"lr_sweep/lr0.001_seed{S}.json", f"lr_sweep/lr0.002_seed{S}.json", "seed0.json", "seed1.json"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == finished
     # interrupted while seed2.json is being written: no seed file, no half-written temp file beside it
     fail_at.clear()
@@ -314,7 +364,10 @@ def test_real_runner_on_a_tiny_model_writes_complete_seed_files(tmp_path, tiny_b
     rec = json.loads((tmp_path / "sentiment" / "no_layer" / "seed1.json").read_text())
     assert rec["seed"] == 1 and rec["metric"] == "accuracy" and 0 <= rec["test"] <= 1 and 0 <= rec["val"] <= 1
     assert rec["global_step"] == 2 and rec["wall_time_s"] > 0
-    assert rec["head_lr"] == pytest.approx(2 * rec["lr"])  # demo.yaml's head_lr / lr ratio kept
+    assert rec["head_lr"] == 2e-3  # demo.yaml's head_lr, whatever LR was chosen
+    p, y = decode(rec["predictions"]["test"]["test"])  # per-example dev predictions, dev order
+    assert len(p) == len(y) == 32 and (p == y).mean() == pytest.approx(rec["test"])
+    assert rec["predictions"]["val"]["val"]["n"] > 0 and "predictions" not in rec["metrics"]
     assert rec["levels"] == "G8 M4x3" and set(rec["params_per_level"]) == {"global", "mid"}
     assert rec["adapter_params"] == sum(rec["params_per_level"].values())
     assert rec["config"]["model"]["pyramid"]["levels"][1]["groups"] == 3  # the resolved config
@@ -358,8 +411,11 @@ def test_report_on_fabricated_results(tmp_path, capsys):
     ablation.main(["report", "--task", "sentiment", "--root", str(tmp_path)])
     text = (tmp_path / "sentiment" / "report.md").read_text()
     assert text in capsys.readouterr().out
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    table, compared = text.split("\nPaired comparisons")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     names = [r.split("|")[1].strip() for r in rows]
+    # against the default baseline (lora): these fabricated protocol-1 records hold no predictions
+    assert "| full | lora | 0 | | | | | no paired predictions (protocol-1 results" in compared
     assert names == ["no_mid", "uniform_budget", "full", "lora"]  # by parameter count
     full = rows[2]
     assert "| G8 M4x3 L2 | 0.001 | - | 0.8200 ± 0.0200 (3) | 0.8200 | 49,152 | 0.67x |" in full  # no sweep recorded
@@ -376,3 +432,66 @@ def test_report_on_fabricated_results(tmp_path, capsys):
 def test_report_without_results_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="make ablation NAME=full"):
         ablation.main(["report", "--task", "sentiment", "--root", str(tmp_path)])
+
+
+def fabricate_predictions(root: Path, name: str, p_right: float, seeds: int, labels: np.ndarray, rng) -> None:
+    """Protocol-2 records of a variant whose runs are right on each dev example with p_right."""
+    for k in range(seeds):
+        right = rng.random(len(labels)) < p_right
+        pred = np.where(right, labels, 1 - labels)
+        rec = {
+            "variant": name,
+            "metric": "accuracy",
+            "test": float((pred == labels).mean()),
+            "val": 0.5,
+            "lr": 1e-3,
+            "head_lr": 2e-3,
+            "seed": k,
+            "protocol": 2,
+            "levels": "L2",
+            "adapter_params": 100,
+            "lora_r8_adapter_params": 400,
+            "predictions": {"test": {"test": encode(pred, labels, False)}},
+        }
+        path = root / "sentiment" / name / f"seed{k}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+
+
+def test_report_gives_paired_verdicts_against_the_baseline_and_asked_pairs(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 1000)
+    fabricate_predictions(tmp_path, "lora_budget", 0.70, 4, labels, rng)
+    fabricate_predictions(tmp_path, "strong", 0.85, 4, labels, rng)
+    fabricate_predictions(tmp_path, "twin", 0.70, 4, labels, rng)
+    ablation.main(
+        ["report", "--task", "sentiment", "--root", str(tmp_path), "--margin", "5", "--compare", "twin:strong"]
+    )
+    text = (tmp_path / "sentiment" / "report.md").read_text()
+    assert "Head LR 0.002 for every variant" in text and "Protocol 2" in text
+    rows = {
+        (r["variant"], r["against"]): r
+        for r in json.loads((tmp_path / "sentiment" / "report.json").read_text())["comparisons"]
+    }
+    assert set(rows) == {("strong", "lora_budget"), ("twin", "lora_budget"), ("twin", "strong")}
+    assert rows["strong", "lora_budget"]["decision"] == "better" and rows["twin", "strong"]["decision"] == "worse"
+    assert rows["twin", "lora_budget"]["decision"] == "equivalent" and rows["twin", "lora_budget"]["n"] == 4
+    assert "| strong | lora_budget | 4 | +14.98 | [+14.22, +15.73] | 0.000 |" in text and "equivalent within ±5" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--baseline", "nosuch"], "--baseline nosuch: no results of it"),
+        (["--compare", "twin-strong"], "not A:B"),
+        (["--compare", "twin:nosuch"], "no results of 'nosuch' to compare"),
+        (["--margin", "0"], "need a positive margin"),
+    ],
+)
+def test_a_bad_report_option_is_one_line_and_writes_nothing(tmp_path, args, message):
+    rng = np.random.default_rng(0)
+    fabricate_predictions(tmp_path, "twin", 0.7, 2, rng.integers(0, 2, 50), rng)
+    with pytest.raises(SystemExit, match=message) as e:
+        ablation.main(["report", "--task", "sentiment", "--root", str(tmp_path), *args])
+    assert e.value.code == 2
+    assert sorted(p.name for p in (tmp_path / "sentiment").iterdir()) == ["twin"]

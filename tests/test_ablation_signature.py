@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from msplora.ablation import run_signature
+from msplora.ablation import Recipe, run_signature
 
 BASE = """# base
 trainer:
@@ -21,7 +21,7 @@ model:
 def _sig(tmp_path: Path, text: str) -> str:
     path = tmp_path / "base.yaml"
     path.write_text(text)
-    return run_signature(["--config", str(path), "--trainer.max_steps=5"], 2.0)
+    return run_signature(Recipe((path,), {"trainer.max_steps": 5}))
 
 
 def test_progress_logging_and_comments_keep_results(tmp_path):
@@ -42,3 +42,13 @@ def test_outcome_settings_make_results_stale(tmp_path):
     # A callback that can change training (early stopping) is part of the signature.
     stop = BASE.replace("  callbacks:\n", "  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n")
     assert _sig(tmp_path, stop) != ref
+
+
+def test_typed_overrides_and_extra_arguments_count(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(BASE)
+    ref = run_signature(Recipe((path,), {"trainer.max_steps": 5, "model.head_lr": 2e-3}))
+    # the order of the overrides is not a setting; their values are
+    assert run_signature(Recipe((path,), {"model.head_lr": 2e-3, "trainer.max_steps": 5})) == ref
+    assert run_signature(Recipe((path,), {"trainer.max_steps": 5, "model.head_lr": 4e-3})) != ref
+    assert run_signature(Recipe((path,), {"trainer.max_steps": 5, "model.head_lr": 2e-3}, ("--x=1",))) != ref

@@ -1,18 +1,20 @@
 """Ablation suite: run the overlays in ``ablations/`` fairly, and tabulate what exists.
 
     ablations/<name>.yaml ──┐
-    configs/base.yaml ──────┼─> LR sweep on seed 0 (select on a validation split carved
-    task config ────────────┘      from train) -> all seeds at the chosen LR
-                                 -> dev-split metric from the best checkpoint
+    configs/base.yaml ──────┼─> LR sweep on the selection seed(s) 1000.. (select on a validation
+    task config ────────────┘      split carved from train) -> reported seeds 0..N-1 at the chosen LR
+                                 -> dev-split metric and per-example predictions (best checkpoint)
     results/ablations/<task>/<name>/seed<k>.json   (one per finished seed, written atomically)
-    results/ablations/<task>/<name>/lr_sweep/lr<lr>.json
-    results/ablations/<task>/report.{md,png}
+    results/ablations/<task>/<name>/lr_sweep/lr<lr>_seed<s>.json
+    results/ablations/<task>/report.{md,json,png}  (table + paired comparisons with verdicts)
 
 Why a sweep: levels have different scales (alpha / r) and shared tensors gather gradient
 from several layers, so one learning rate would favour some variants. Each variant gets its
-own best LR from ``--lrs`` (default: 1e-3, 2e-3, 4e-3 on the embedded task, else the
-config's lr x 0.5, 1, 2; the head LR keeps the config's head_lr / lr ratio), chosen on the
-carved validation split; the dev split is only ever used for the reported number.
+own best adapter LR from ``--lrs`` (default: 1e-3, 2e-3, 4e-3 on the embedded task, else the
+config's lr x 0.5, 1, 2), chosen on the carved validation split by seeds that are never
+reported; the head LR is the task's one value (the config's ``head_lr``) for every variant; the
+dev split is only ever used for the reported numbers. The report compares variants paired (same
+seed index, same examples: :mod:`msplora.ablation.stats`).
 
 A result file exists only once its run has fully finished (fit + test), so a rerun skips
 finished work and reruns an interrupted seed; a file written under other settings
@@ -22,13 +24,15 @@ again if the chosen LR moves).
 
 Modules, one concern each: ``variants`` (the overlays, task configs and paths), ``recipe`` (what
 one run is made of), ``signature`` (when a finished result counts), ``runner`` (fit + test, the
-LR sweep, a variant's seeds), ``table`` (the report: markdown table, JSON, PNG) and ``cli`` (``main``).
+LR sweep, a variant's seeds), ``stats`` (paired comparisons and verdicts), ``table`` (the report:
+markdown table, comparisons, JSON, PNG) and ``cli`` (``main``).
 
 Usage (see the Makefile)::
 
     python -m msplora.ablation run NAME [NAME ...] | --all [--task T] [--seeds N]
         [--lrs "a b c"] [--config C] [--steps S] [--root DIR] -- EXTRA_CLI_OVERRIDES
-    python -m msplora.ablation report [--task T] [--root DIR]
+    python -m msplora.ablation report [--task T] [--root DIR] [--baseline V] [--margin POINTS]
+        [--compare A:B ...]
 """
 
 from msplora.ablation.cli import main
@@ -37,13 +41,14 @@ from msplora.ablation.runner import (
     DEFAULT_EXTEND,
     EMBEDDED_LRS,
     EMBEDDED_STEPS,
+    SELECTION_SEED,
     best_of,
     fit_and_test,
     lr_tag,
     next_lr,
     run_variant,
 )
-from msplora.ablation.signature import run_signature
+from msplora.ablation.signature import PROTOCOL, run_signature
 from msplora.ablation.table import collect, markdown, plot, report, summarise
 from msplora.ablation.variants import (
     ABLATIONS,
@@ -68,7 +73,9 @@ __all__ = [
     "EMBEDDED_LRS",
     "EMBEDDED_STEPS",
     "REPO",
+    "PROTOCOL",
     "RESULTS",
+    "SELECTION_SEED",
     "VAL_FRACTION",
     "AblationError",
     "Recipe",

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from msplora.ablation.runner import DEFAULT_EXTEND, EMBEDDED_STEPS, run_variant
-from msplora.ablation.table import report
+from msplora.ablation.runner import DEFAULT_EXTEND, EMBEDDED_STEPS, SELECTION_SEED, run_variant
+from msplora.ablation.table import DEFAULT_MARGIN, report
 from msplora.ablation.variants import DEFAULT_TASK, RESULTS, AblationError, is_embedded, variant_names, variant_path
 from msplora.errors import ArgumentParser
 from msplora.io import split_passthrough
@@ -52,14 +52,46 @@ def main(argv: list[str] | None = None) -> None:
         help="when the best LR is the grid's largest or smallest, try up to this many more LRs outwards "
         f"(same geometric step), stopping once the best is inside (default {DEFAULT_EXTEND}; 0: the grid only)",
     )
+    r.add_argument(
+        "--selection-seeds",
+        type=int,
+        default=1,
+        help=f"seeds that choose the LR ({SELECTION_SEED}, {SELECTION_SEED + 1}, ...: never reported; the mean "
+        "validation value over them picks the LR; default 1)",
+    )
     r.add_argument("--root", type=Path, default=RESULTS, help="results root")
-    rp = sub.add_parser("report", help="markdown table + PNG of whatever results exist")
+    rp = sub.add_parser("report", help="markdown table, paired comparisons with verdicts, and a PNG")
     rp.add_argument("--task", default=DEFAULT_TASK)
     rp.add_argument("--root", type=Path, default=RESULTS)
+    rp.add_argument(
+        "--baseline",
+        default=None,
+        help="compare every variant against this one (default: lora_budget, else lora, when present)",
+    )
+    rp.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help=f"equivalence margin in points of the metric (default {DEFAULT_MARGIN:g}: ±0.01)",
+    )
+    rp.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="also compare A against B (repeatable), e.g. --compare pyramid_small:lora_r2",
+    )
     a = p.parse_args(argv)
 
     if a.cmd == "report":
-        print(report(a.task, a.root))
+        pairs = []
+        for spec in a.compare:
+            for one in spec.replace(",", " ").split():
+                x, sep, y = one.partition(":")
+                if not (sep and x and y):
+                    raise AblationError(f"--compare {one!r}: not A:B. Fix: e.g. --compare pyramid_small:lora_r2")
+                pairs.append((x, y))
+        print(report(a.task, a.root, a.baseline, a.margin, pairs))
         print(f"wrote {a.root / a.task / 'report.md'} and {a.root / a.task / 'report.png'}")
         return
     if a.all == bool(a.names):
@@ -73,8 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.steps is not None and a.steps < 1:
         # Lightning would train nothing and then fail to find a "best" checkpoint to test.
         raise AblationError(f"--steps {a.steps}: need at least 1 training step. Fix: e.g. --steps 100, or leave it out")
-    if a.seeds < 1:
-        raise AblationError(f"--seeds {a.seeds}: need at least 1. Fix: e.g. --seeds 3")
+    if not 1 <= a.seeds <= SELECTION_SEED:
+        raise AblationError(
+            f"--seeds {a.seeds}: need 1 to {SELECTION_SEED} (seeds from {SELECTION_SEED} on choose the LR). Fix: e.g. --seeds 3"
+        )
+    if a.selection_seeds < 1:
+        raise AblationError(f"--selection-seeds {a.selection_seeds}: need at least 1. Fix: e.g. --selection-seeds 1")
     if a.extend < 0:
         raise AblationError(f"--extend {a.extend}: need 0 or more. Fix: e.g. --extend 2")
     lrs = None
@@ -88,6 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     steps = a.steps if a.steps is not None else (EMBEDDED_STEPS if is_embedded(a.task, a.config) else None)
     t0 = time.perf_counter()
     for n in names:
-        run_variant(n, a.task, a.seeds, lrs, a.config, steps, extra, root=a.root, extend=a.extend)
+        run_variant(
+            n,
+            a.task,
+            a.seeds,
+            lrs,
+            a.config,
+            steps,
+            extra,
+            root=a.root,
+            extend=a.extend,
+            selection_seeds=a.selection_seeds,
+        )
         print(f"[suite] {n} finished; {time.perf_counter() - t0:.0f} s so far", flush=True)
     print(report(a.task, a.root))

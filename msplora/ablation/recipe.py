@@ -32,8 +32,9 @@ class Recipe:
 
 
 # Set per run by the runner: an EXTRA override of these would be silently replaced (or, for the
-# seed and LR, would make every run of the sweep the same).
-_RUNNER_KEYS = ("--model.lr", "--model.head_lr", "--seed_everything", "--trainer.default_root_dir")
+# seed and LR, would make every run of the sweep the same). The head LR is the task's, one value
+# for every run: --model.head_lr in EXTRA sets it.
+_RUNNER_KEYS = ("--model.lr", "--seed_everything", "--trainer.default_root_dir")
 
 
 def base_recipe(overlay: Path, cfg: Path, steps: int | None, extra: list[str]) -> Recipe:

@@ -1,4 +1,11 @@
-"""The runner: one fit + test per (LR, seed), the LR sweep on seed 0, then every seed at the chosen LR.
+"""The runner: one fit + test per (LR, seed), the LR sweep on the selection seed(s), then every
+reported seed at the chosen LR.
+
+The protocol (README "Comparisons that decide"): the adapter LR of each variant is chosen on a
+validation split carved from train, with seeds reserved for selection (``SELECTION_SEED`` and up);
+the reported seeds 0..N-1 are other runs, so no reported number took part in choosing its LR.
+The head LR is one value per task, the config's ``model.head_lr`` (its ``lr`` when unset), the
+same for every variant and every swept LR. Every run keeps its per-example predictions.
 
 A result file exists only once its run has fully finished (fit + test), so a rerun skips
 finished work (see :mod:`msplora.ablation.signature`) and reruns an interrupted seed.
@@ -6,12 +13,15 @@ finished work (see :mod:`msplora.ablation.signature`) and reruns an interrupted 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import shutil
+import statistics
 from pathlib import Path
 
 from msplora.ablation.recipe import Recipe, base_recipe, parse
-from msplora.ablation.signature import read_result, run_signature
+from msplora.ablation.signature import PROTOCOL, read_result, run_signature
 from msplora.ablation.variants import (
     ABLATIONS,
     RESULTS,
@@ -33,21 +43,25 @@ EMBEDDED_STEPS = 100
 EMBEDDED_LRS = (1e-3, 2e-3, 4e-3)
 # A best LR on the edge of the grid gets up to this many more LRs outwards.
 DEFAULT_EXTEND = 2
+# Seeds SELECTION_SEED, SELECTION_SEED + 1, ... select the LR; seeds 0..N-1 are reported. Far apart,
+# so that no --seeds count makes the two sets meet.
+SELECTION_SEED = 1000
 
 
 # -- one run ------------------------------------------------------------------------------------------
-def fit_and_test(recipe: Recipe, lr: float, seed: int, ratio: float | None, run_dir: Path) -> dict:
-    """One fit + test on the dev split (best checkpoint); returns the run's record."""
+def fit_and_test(recipe: Recipe, lr: float, seed: int, run_dir: Path) -> dict:
+    """One fit + test on the dev split (best checkpoint); returns the run's record, with the
+    per-example predictions of the best validation (``predictions.val``) and of the dev split
+    (``predictions.test``)."""
+    from msplora import get_bank
     from msplora.training.run import compose, fit
 
     if run_dir.exists():  # leftovers of an interrupted run
         shutil.rmtree(run_dir)
     per_run = {"model.lr": lr, "seed_everything": seed}
-    if ratio is not None:
-        per_run["model.head_lr"] = lr * ratio
     setup = compose(recipe.configs, {**recipe.overrides, **per_run}, recipe.extra, root_dir=run_dir)
     r = fit(setup, test=True)
-    bank_kinds = __import__("msplora").get_bank(setup.model.model).kinds
+    bank_kinds = get_bank(setup.model.model).kinds
     n_layers = len(next(iter(bank_kinds.values())).layer_ids)
     levels = setup.model.hparams["pyramid"]["levels"]
     tests = {k: v for k, v in r.test.items() if k.endswith(f"/{r.metric}")}
@@ -74,7 +88,8 @@ def fit_and_test(recipe: Recipe, lr: float, seed: int, ratio: float | None, run_
         "fit_wall_time_s": r.fit_wall_time_s,
         "run_dir": str(r.run_dir),
         "config": setup.config_dict(),
-        "metrics": r.metrics,
+        "metrics": {k: v for k, v in r.metrics.items() if k != "predictions"},
+        "predictions": r.metrics.get("predictions", {}),
     }
 
 
@@ -112,6 +127,7 @@ def run_variant(
     folder: Path = ABLATIONS,
     log=print,
     extend: int = 0,
+    selection_seeds: int = 1,
 ) -> list[dict]:
     overlay = variant_path(name, folder)
     cfg = task_config(task, config)
@@ -123,11 +139,17 @@ def run_variant(
             f"--task {task} but the config {cfg} trains {data_task!r}. "
             f"Fix: pass --task {data_task} (TASK={data_task}), or a config for {task}"
         )
-    lr0, head0 = setup.model.hparams.lr, setup.model.hparams.head_lr
-    ratio = None if head0 is None else head0 / lr0
+    hp = setup.model.hparams
+    lr0 = hp.lr
+    # One head LR per task, whatever the variant and the swept adapter LR (signed with the run).
+    recipe = dataclasses.replace(recipe, overrides={**recipe.overrides, "model.head_lr": hp.head_lr or lr0})
+    head_only = not hp.get("train_adapter", True)
     lrs = lrs or (list(EMBEDDED_LRS) if is_embedded(task, config) else [lr0 * 0.5, lr0, lr0 * 2])
+    if head_only:  # nothing to select: the adapter does not train
+        lrs, extend = [lr0], 0
     out = root / task / name
-    signature = run_signature(recipe, ratio)
+    signature = run_signature(recipe)
+    chosen_by = list(range(SELECTION_SEED, SELECTION_SEED + selection_seeds))
 
     def run_one(lr: float, seed: int, path: Path) -> dict:
         rec = read_result(path, signature, lr, seed)
@@ -135,8 +157,17 @@ def run_variant(
             log(f"[{name}] lr={lr_tag(lr)} seed={seed}: done before ({rec['test']:.4f}), skipped")
             return rec
         log(f"[{name}] lr={lr_tag(lr)} seed={seed}: running")
-        rec = fit_and_test(recipe, lr, seed, ratio, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
-        rec.update(variant=name, hypothesis=hypothesis(overlay), signature=signature, overlay=overlay.read_text())
+        rec = fit_and_test(recipe, lr, seed, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
+        rec.update(
+            variant=name,
+            hypothesis=hypothesis(overlay),
+            signature=signature,
+            protocol=PROTOCOL,
+            role="selection" if seed >= SELECTION_SEED else "report",
+            overlay=overlay.read_text(),
+        )
+        if rec.get("run_dir"):  # where it ran, relative to the results root, not this machine's absolute path
+            rec["run_dir"] = os.path.relpath(rec["run_dir"], root)
         write_json_atomic(path, rec)
         log(
             f"[{name}] lr={lr_tag(lr)} seed={seed}: val {rec['val']:.4f} dev {rec['test']:.4f} "
@@ -144,25 +175,30 @@ def run_variant(
         )
         return rec
 
-    def sweep_run(lr: float) -> dict:
-        return run_one(lr, 0, out / "lr_sweep" / f"lr{lr_tag(lr)}.json")
+    def sweep_point(lr: float) -> dict:
+        """The LR's selection runs; ``val`` is their mean validation value."""
+        runs = [run_one(lr, s, out / "lr_sweep" / f"lr{lr_tag(lr)}_seed{s}.json") for s in chosen_by]
+        return {"lr": lr, "val": statistics.fmean(r["val"] for r in runs)}
 
-    sweep = [sweep_run(lr) for lr in lrs]
-    best = best_of(sweep)
+    sweep = [] if head_only else [sweep_point(lr) for lr in lrs]
+    best = best_of(sweep) if sweep else {"lr": lr0}
     for _ in range(extend):  # a best LR on the grid's edge is not known to be the best: step outwards
         nxt = next_lr([r["lr"] for r in sweep], best["lr"])
         if nxt is None:
             break
         log(f"[{name}] best LR {lr_tag(best['lr'])} lies on the edge of the sweep: trying {lr_tag(nxt)}")
-        sweep.append(sweep_run(nxt))
+        sweep.append(sweep_point(nxt))
         best = best_of(sweep)
+    selection = {
+        "lr_sweep": {lr_tag(r["lr"]): r["val"] for r in sweep},
+        "selection_seeds": [] if head_only else chosen_by,
+    }
     records = []
-    for seed in range(seeds):
+    for seed in range(seeds):  # done before at the same LR counts; a seed run at an LR no longer chosen is redone
         path = out / f"seed{seed}.json"
-        if seed == 0:  # the sweep's run at the chosen LR is seed 0 (rewritten: the grid may have changed)
-            rec = dict(best, lr_sweep={lr_tag(r["lr"]): r["val"] for r in sweep})
+        rec = run_one(best["lr"], seed, path)
+        if {k: rec.get(k) for k in selection} != selection:  # the grid may have grown since it ran
+            rec.update(selection)
             write_json_atomic(path, rec)
-        else:  # done before at the same LR counts; a seed run at an LR no longer chosen is redone
-            rec = run_one(best["lr"], seed, path)
         records.append(rec)
     return records

@@ -15,19 +15,30 @@ import yaml
 
 from msplora.ablation.recipe import Recipe
 
+# The protocol a result was made under; part of the signature, so results of another protocol never
+# count as done. 1: head LR = the config's head_lr/lr ratio x the swept LR, seed 0 both selected
+# the LR and was reported, no predictions (results/ablations/protocol1/). 2: one head LR per task,
+# selection seeds apart from the reported ones, per-example predictions (msplora.ablation.runner).
+PROTOCOL = 2
 
-def run_signature(args: Recipe | list[str], ratio: float | None) -> str:
-    """The settings of one run, bar its LR and seed (those are checked on their own).
+
+def run_signature(recipe: Recipe) -> str:
+    """The settings of one run, bar its LR and seed (those are checked on their own), as data:
+    the config files' content, the runner's typed overrides, the user's extra overrides, the protocol.
 
     Config files count by their parsed content, not path or comments: editing a key of an overlay
     or a task config makes its old results stale, while a moved checkout, a reworded comment or a
     progress/logging setting (:data:`_NO_OUTCOME_KEYS`) keeps them. A finished run at an LR counts for any
-    grid that holds that LR.
+    grid that holds that LR. Typed values, not their command-line spelling, so how the composer
+    hands them to the parser does not change the signature.
     """
-    if isinstance(args, Recipe):
-        args = args.as_args()
-    parts = [_outcome_keys(Path(a)) if prev == "--config" else a for prev, a in zip(["", *args], args)]
-    return hashlib.sha1(json.dumps([parts, ratio], sort_keys=True).encode()).hexdigest()[:12]
+    data = {
+        "configs": [_outcome_keys(Path(c)) for c in recipe.configs],
+        "overrides": dict(sorted(recipe.overrides.items())),
+        "extra": list(recipe.extra),
+        "protocol": PROTOCOL,
+    }
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # Settings that cannot change a run's numbers: how it reports progress and where it logs. A result

@@ -1,4 +1,5 @@
-"""The report: collect the finished seeds of each variant; write a markdown table, JSON and a PNG.
+"""The report: collect the finished seeds of each variant; write a markdown table, the paired
+comparisons with their verdicts, JSON and a PNG.
 
     results/ablations/<task>/<name>/seed<k>.json -> results/ablations/<task>/report.{md,json,png}
 
@@ -61,6 +62,8 @@ def summarise(found: dict[str, list[dict]]) -> list[dict]:
         rows.append(
             {
                 "variant": name,
+                "protocol": recs[0].get("protocol", 1),
+                "head_lr": sorted({r.get("head_lr") for r in recs if r.get("head_lr") is not None}),
                 "levels": recs[0].get("levels", "?"),
                 "lr": ", ".join(_fmt_lr(x) for x in lrs),
                 "swept": [_fmt_lr(x) for x in swept],
@@ -79,13 +82,28 @@ def summarise(found: dict[str, list[dict]]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["adapter_params"], r["variant"]))
 
 
+def _protocol_note(rows: list[dict]) -> str:
+    heads = sorted({h for r in rows for h in r.get("head_lr", [])})
+    protocols = sorted({r.get("protocol", 1) for r in rows})
+    note = ""
+    if protocols == [2]:
+        note += " Protocol 2: LR chosen on selection seeds (1000+), reported seeds 0..n-1 are other runs."
+    elif protocols:
+        note += f" Protocol(s) {', '.join(map(str, protocols))} (1: seed 0 also chose the LR, head LR tied to it)."
+    if len(heads) == 1:
+        note += f" Head LR {heads[0]:g} for every variant."
+    elif heads:
+        note += f" Head LRs differ between variants: {', '.join(f'{h:g}' for h in heads)}."
+    return note
+
+
 def markdown(rows: list[dict], task: str) -> str:
     metric = rows[0]["metric"] if rows else "metric"
     lines = [
         f"Task `{task}`: dev-split {metric}, mean ± std (sample std) and median over seeds, at each variant's LR "
         "(chosen on a validation split carved from train). Params: trainable adapter parameters; "
         "vs LoRA: relative to LoRA r=8 on the same targets. LR chosen: ↑ / ↓ = the largest / smallest "
-        "LR swept, so a better one may lie beyond.",
+        "LR swept, so a better one may lie beyond." + _protocol_note(rows),
         "",
         f"| variant | levels | LR chosen | LRs swept | dev {metric} (mean ± std, n) | median "
         "| adapter params | vs LoRA r=8 |",
@@ -146,14 +164,129 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
         plt.close(fig)
 
 
-def report(task: str, root: Path = RESULTS) -> str:
+# -- paired comparisons (msplora.ablation.stats) --------------------------------------------------------
+DEFAULT_BASELINES = ("lora_budget", "lora")  # the equal-budget LoRA when it ran, else LoRA r=8
+DEFAULT_MARGIN = 1.0  # points (0.01 of the metric): "equivalent" means the CI lies inside ±1 point
+
+
+def default_baseline(found: dict[str, list[dict]]) -> str | None:
+    return next((b for b in DEFAULT_BASELINES if b in found), None)
+
+
+def _dev_predictions(rec: dict):
+    """(pred, label) of the run's dev split (its first test split), or None (a protocol-1 run)."""
+    from msplora.training.predictions import decode
+
+    test = (rec.get("predictions") or {}).get("test") or {}
+    return decode(test[sorted(test)[0]]) if test else None
+
+
+def comparisons(
+    found: dict[str, list[dict]],
+    baseline: str | None,
+    margin: float = DEFAULT_MARGIN,
+    pairs: list[tuple[str, str]] = (),
+) -> list[dict]:
+    """Each variant against ``baseline``, then each of ``pairs`` (A, B): A - B on the dev split,
+    paired by seed index over the seeds both have, from the runs' stored predictions."""
+    from msplora.ablation.stats import compare, describe
+
+    wanted = [(v, baseline) for v in found if baseline is not None and v != baseline] + [
+        p for p in pairs if p[0] != p[1]
+    ]
+    rows, seen = [], set()
+    for a, b in wanted:
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        for name in (a, b):
+            if name not in found:
+                raise AblationError(
+                    f"no results of {name!r} to compare. Fix: run it (make ablation NAME={name}) or compare "
+                    f"among {', '.join(found)}"
+                )
+        by_seed = [{r["seed"]: r for r in found[x]} for x in (a, b)]
+        seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+        runs = [[_dev_predictions(by_seed[i][s]) for s in seeds] for i in (0, 1)]
+        paired = [k for k, s in enumerate(seeds) if runs[0][k] is not None and runs[1][k] is not None]
+        row = {"variant": a, "against": b, "metric": found[a][0]["metric"], "seeds": [seeds[k] for k in paired]}
+        if not paired:
+            rows.append(row | {"verdict": "no paired predictions (protocol-1 results: rerun under protocol 2)"})
+            continue
+        c = compare([runs[0][k] for k in paired], [runs[1][k] for k in paired], row["metric"], margin / 100)
+        rows.append(
+            row
+            | {
+                "n": c.n_seeds,
+                "examples": c.n_examples,
+                "diff": c.diff,
+                "ci": [c.ci_low, c.ci_high],
+                "p": c.p_value,
+                "mde": c.mde,
+                "margin": c.margin,
+                "verdict": describe(c),
+                "decision": c.verdict,
+                "more_seeds": c.more_seeds,
+                "seed_sd": c.seed_var**0.5,
+                "example_se": c.example_var**0.5,
+            }
+        )
+    return rows
+
+
+def comparisons_markdown(rows: list[dict], margin: float) -> str:
+    if not rows:
+        return ""
+
+    def pts(x: float) -> str:
+        return f"{100 * x:+.2f}"
+
+    lines = [
+        "",
+        f"Paired comparisons on the dev split, A - B in points (x100), seed k of A against seed k of B on the "
+        f"same examples: mean difference, 95 % CI (t over seeds, plus the dev set's own noise from a paired "
+        f"bootstrap over examples), p-value, the smallest difference detectable at 80 % power at this n, and "
+        f"the verdict against a margin of ±{margin:g} fixed before the runs: better / worse (CI excludes 0), "
+        f"equivalent (CI inside ±{margin:g}), else undecided.",
+        "",
+        "| A | B | seeds | A - B | 95 % CI | p | detectable | verdict |",
+        "|---|---|---:|---:|---|---:|---:|---|",
+    ]
+    for r in rows:
+        if "diff" not in r:
+            lines.append(f"| {r['variant']} | {r['against']} | 0 | | | | | {r['verdict']} |")
+            continue
+        lo, hi = r["ci"]
+        ci = f"[{pts(lo)}, {pts(hi)}]" if lo > -1e9 else "-"
+        p = f"{r['p']:.3f}" if r["p"] == r["p"] else "-"
+        mde = f"{100 * r['mde']:.2f}" if r["mde"] < 1e9 else "-"
+        lines.append(
+            f"| {r['variant']} | {r['against']} | {r['n']} | {pts(r['diff'])} | {ci} | {p} | {mde} | {r['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(
+    task: str,
+    root: Path = RESULTS,
+    baseline: str | None = None,
+    margin: float = DEFAULT_MARGIN,
+    pairs: list[tuple[str, str]] = (),
+) -> str:
+    """Write report.{md,json,png} for ``task``; ``baseline`` None = the equal-budget LoRA (or LoRA r=8)
+    when present. Everything is checked before anything is written."""
     found = collect(task, root)
     if not found:
         raise AblationError(f"no results under {root / task}. Fix: run `make ablation NAME=full TASK={task}` first")
+    if baseline is not None and baseline not in found:
+        raise AblationError(f"--baseline {baseline}: no results of it for {task}. Fix: use one of {', '.join(found)}")
+    if margin <= 0:
+        raise AblationError(f"--margin {margin}: need a positive margin in points. Fix: e.g. --margin 1")
     rows = summarise(found)
-    text = markdown(rows, task)
+    compared = comparisons(found, baseline or default_baseline(found), margin, pairs)
+    text = markdown(rows, task) + comparisons_markdown(compared, margin)
     out = root / task
     write_text_atomic(out / "report.md", text, mode=None)
-    write_json_atomic(out / "report.json", {"task": task, "rows": rows})
+    write_json_atomic(out / "report.json", {"task": task, "rows": rows, "comparisons": compared, "margin": margin})
     plot(rows, out / "report.png", task)
     return text

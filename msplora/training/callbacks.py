@@ -40,6 +40,7 @@ class BestAdapter(L.Callback):
         self.monitor, self.mode, self.dirname = monitor, mode, dirname
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.best_predictions: dict | None = None  # the module's validation predictions at the best value
         self.root: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
@@ -54,6 +55,7 @@ class BestAdapter(L.Callback):
         value = float(value)
         if _better(value, self.best, self.mode):
             self.best, self.best_epoch = value, trainer.current_epoch
+            self.best_predictions = dict(getattr(pl_module, "eval_predictions", {}).get("val", {})) or None
             if trainer.is_global_zero:
                 msplora.save_adapter(
                     pl_module.model,
@@ -62,10 +64,11 @@ class BestAdapter(L.Callback):
                 )
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_predictions": self.best_predictions}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.best_predictions = state.get("best_predictions")  # absent in checkpoints made before it
 
 
 class MetricsJSON(L.Callback):
@@ -115,6 +118,10 @@ class MetricsJSON(L.Callback):
             baseline = majority_baseline(dm)
             if baseline is not None:
                 out["majority_baseline"] = baseline
+            if self.best.best_predictions:
+                out.setdefault("predictions", {})["val"] = self.best.best_predictions
+        if stage == "test" and getattr(pl_module, "eval_predictions", {}).get("test"):
+            out.setdefault("predictions", {})["test"] = pl_module.eval_predictions["test"]
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         out.setdefault("final", {}).update(
             {k: v for k, v in final.items() if not k.startswith("train")}

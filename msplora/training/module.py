@@ -65,6 +65,7 @@ class MSPLoRAModule(L.LightningModule):
         warmup_ratio: float = 0.06,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        train_adapter: bool = True,
     ) -> None:
         """Fine-tune a frozen transformer with an MSPLoRA adapter.
 
@@ -82,6 +83,8 @@ class MSPLoRAModule(L.LightningModule):
             warmup_ratio: fraction of the steps with linear warmup, then linear decay to 0.
             dtype: base-model dtype (``float32``, ``bfloat16``); adapters stay fp32.
             gradient_checkpointing: trade compute for memory in the backbone.
+            train_adapter: False keeps the adapter at its init (B = 0: the base model) and trains
+                the head alone: the head-only floor of a comparison (ablations/head_only.yaml).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pyramid"])
@@ -94,6 +97,11 @@ class MSPLoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only adapter + head
         self.val_metrics = nn.ModuleList()
         self.test_metrics = nn.ModuleList()
+        # Per-example predictions of the latest validation / test, by logged prefix ("val",
+        # "test_matched"), encoded (msplora.training.predictions); metrics.json keeps those of the
+        # best validation and of the test, so runs can be compared paired.
+        self.eval_predictions: dict[str, dict[str, dict]] = {"val": {}, "test": {}}
+        self._collected: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- building ---------------------------------------------------------------------------
     def _resolve_problem(self) -> None:
@@ -151,6 +159,8 @@ class MSPLoRAModule(L.LightningModule):
         if hp.problem != "causal_lm" and not cfg.modules_to_save:
             cfg.modules_to_save = head_modules(model)
         msplora.inject(model, cfg)
+        if not hp.train_adapter:
+            msplora.get_bank(model).requires_grad_(False)
         self.pyramid = msplora.get_bank(model).config  # cfg, or its copy with budget_of resolved
         self.hparams["pyramid"] = self.pyramid.to_dict()
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
@@ -199,6 +209,8 @@ class MSPLoRAModule(L.LightningModule):
         preds = out.logits.squeeze(-1) if self.spec.is_regression else out.logits.argmax(-1)
         metrics = (self.val_metrics if stage == "val" else self.test_metrics)[dataloader_idx]
         metrics.update(preds.float() if self.spec.is_regression else preds, labels)
+        if not self.trainer.sanity_checking:
+            self._collected.setdefault((stage, dataloader_idx), []).append((preds.detach().cpu(), labels.cpu()))
         self.log_dict(
             {f"{prefix}/{k}": m for k, m in metrics.items()}, batch_size=bs, add_dataloader_idx=False, prog_bar=True
         )
@@ -208,6 +220,37 @@ class MSPLoRAModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)
+
+    def _finish_predictions(self, stage: str) -> None:
+        """This epoch's predictions of every ``stage`` loader, in dataset order, encoded."""
+        from msplora.training.predictions import encode, gather_in_order
+
+        done = {}
+        for (st, idx), parts in sorted(self._collected.items()):
+            if st != stage:
+                continue
+            dm = self._trainer.datamodule
+            name = (dm.val_names if stage == "val" else dm.test_names)[idx]
+            n = len(dm.datasets[name]) if getattr(dm, "datasets", None) is not None else sum(len(p) for p, _ in parts)
+            preds = gather_in_order(self, torch.cat([p for p, _ in parts]).to(self.device), n).cpu()
+            labels = gather_in_order(self, torch.cat([y for _, y in parts]).to(self.device), n).cpu()
+            done[self._prefix(stage, idx)] = encode(preds.numpy(), labels.numpy(), self.spec.is_regression)
+        self._collected = {k: v for k, v in self._collected.items() if k[0] != stage}
+        self.eval_predictions[stage] = done
+
+    def on_validation_epoch_start(self) -> None:
+        self._collected = {k: v for k, v in self._collected.items() if k[0] != "val"}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.spec is not None and not self.trainer.sanity_checking:
+            self._finish_predictions("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._collected = {k: v for k, v in self._collected.items() if k[0] != "test"}
+
+    def on_test_epoch_end(self) -> None:
+        if self.spec is not None:
+            self._finish_predictions("test")
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -293,7 +336,7 @@ class MSPLoRAModule(L.LightningModule):
     def trainable_summary(self) -> dict:
         """Trainable counts of this run and of plain LoRA r=8 with the same head and targets."""
         bank = msplora.get_bank(self.model)
-        adapter = msplora.adapter_parameters(self.model)
+        adapter = msplora.adapter_parameters(self.model) if self.hparams.get("train_adapter", True) else 0
         head = msplora.trainable_parameters(self.model) - adapter
         lora = {"share": "layer", "rank": 8}
         lora_adapter = sum(
@@ -305,7 +348,7 @@ class MSPLoRAModule(L.LightningModule):
             "lora_r8_params": lora_adapter + head,
             "lora_r8_adapter_params": lora_adapter,
             "params_per_level": {
-                lv: sum(r["params"] for r in msplora.parameter_report(self.model) if r["level"] == lv)
+                lv: sum(r["params"] for r in msplora.parameter_report(self.model) if r["level"] == lv) if adapter else 0
                 for lv in [lv.name for lv in bank.config.levels]
             },
         }
