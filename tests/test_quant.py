@@ -53,15 +53,16 @@ def saved(tmp_path_factory) -> dict:
     return out
 
 
-def load(saved: dict, name: str, quant: str, dtype: torch.dtype = torch.float32):
-    """The tiny model loaded through transformers' BitsAndBytesConfig, in eval mode, with every
-    4-bit layer in its trainable layout (as `inject` leaves it), so base outputs compare."""
+def load(saved: dict, name: str, quant: str, dtype: torch.dtype = torch.float32, guard: bool = True):
+    """The tiny model loaded through transformers' BitsAndBytesConfig, in eval mode; ``guard``:
+    with every 4-bit layer in its trainable layout (as `inject` leaves it), so base outputs compare."""
     import transformers
 
     _, auto, _, heads = MODELS[name]
     qc = quantization_config(quant, dtype, skip=heads or None)
     model = getattr(transformers, auto).from_pretrained(saved[name], quantization_config=qc, dtype=dtype).eval()
-    keep_trainable_layout(model)
+    if guard:
+        keep_trainable_layout(model)
     return model
 
 
@@ -140,16 +141,19 @@ def test_training_moves_the_adapter_and_never_the_quantized_weights(saved, name,
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
-def test_gradient_reaches_the_first_layer_after_an_eval_pass(saved, quant):
+def test_gradient_reaches_the_first_layer_after_an_eval_pass(tmp_path, quant):
     """bnb 0.50 repacks a 4-bit weight for a CPU inference kernel without a backward on the first
     eval, no-grad forward (on CPUs with AVX512-BF16) and keeps it: without inject's guard, the
-    adapter below the last quantized layer would get no gradient after a validation pass."""
-    model = msplora.inject(load(saved, "llama", quant), config("llama"))
+    adapter below the last quantized layer would get no gradient after a validation pass. (Width
+    64: at 32 that kernel fails outright.)"""
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    model = msplora.inject(load({"llama": tmp_path}, "llama", quant, guard=False), config("llama"))
     x = inputs()
     out(model, x)  # eval, no grad: a validation pass
     model.train()
     model(**x, labels=x["input_ids"]).loss.backward()
     for kind, kb in msplora.get_bank(model).kinds.items():
+        assert kb.B.grad is not None, f"no gradient reached {kind}"
         k = [lv.name for lv in kb.levels].index("layer")
         g = kb.B.grad[:, kb.offsets[k] : kb.offsets[k] + kb.levels[k].rank]  # layer 0's cell
         assert g.abs().sum() > 0, f"no gradient reached layer 0's {kind}"
@@ -312,3 +316,36 @@ def test_the_core_never_imports_bitsandbytes():
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_msplora_fit_trains_a_4bit_base(tmp_path, tiny_bert_dir):
+    """`msplora fit` with ``model.quantize: nf4`` (through the run API): the backbone's linears load
+    as 4-bit, the head does not, and every layer's adapter cell trains: Lightning's sanity
+    validation (an eval, no-grad pass) runs first, so this also checks inject's layout guard."""
+    from safetensors.torch import load_file
+
+    from msplora.training.run import compose, fit
+    from tests.test_run_api import BASE, tiny
+
+    overrides = {**tiny(tiny_bert_dir), "model.quantize": "nf4", "trainer.max_epochs": 1}
+    setup = compose([BASE], overrides, root_dir=tmp_path)
+    result = fit(setup)
+    model = setup.model.model
+    assert result.global_step == 4 and result.value is not None
+    assert {type(m).__name__ for m in model.bert.encoder.modules()} >= {"Linear4bit", "MSPLoRALinear"}
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.requires_grad
+    assert all(layer.quantized for _, layer in msplora.wrapped_layers(model))
+    saved = load_file(result.best_adapter / "adapter_model.safetensors")
+    for kind in ("query", "value"):
+        b = saved[f"layer.{kind}.B"]  # (cells = layers, d_out, r): B starts at 0
+        assert all(b[c].abs().sum() > 0 for c in range(b.shape[0])), f"a layer's {kind} cell did not train"
+
+
+def test_a_bad_quantize_value_is_refused_before_the_fit(tmp_path, tiny_bert_dir):
+    from msplora.errors import UsageError
+    from msplora.training.run import compose
+    from tests.test_run_api import BASE, tiny
+
+    with pytest.raises(UsageError, match="quantize"):
+        compose([BASE], {**tiny(tiny_bert_dir), "model.quantize": "int4"}, root_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
