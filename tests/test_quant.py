@@ -339,6 +339,13 @@ def test_msplora_fit_trains_a_4bit_base(tmp_path, tiny_bert_dir):
     for kind in ("query", "value"):
         b = saved[f"layer.{kind}.B"]  # (cells = layers, d_out, r): B starts at 0
         assert all(b[c].abs().sum() > 0 for c in range(b.shape[0])), f"a layer's {kind} cell did not train"
+    # `msplora export --to merged` rebuilds the base unquantized: an exact merge, a plain model.
+    from transformers import AutoModelForSequenceClassification
+
+    from msplora.export_cli import export_run
+
+    plain = AutoModelForSequenceClassification.from_pretrained(export_run(result.run_dir, "merged", tmp_path / "m"))
+    assert type(plain.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
 
 
 def test_a_bad_quantize_value_is_refused_before_the_fit(tmp_path, tiny_bert_dir):
