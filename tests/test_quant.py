@@ -356,3 +356,14 @@ def test_a_bad_quantize_value_is_refused_before_the_fit(tmp_path, tiny_bert_dir)
     with pytest.raises(UsageError, match="quantize"):
         compose([BASE], {**tiny(tiny_bert_dir), "model.quantize": "int4"}, root_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_fit_without_bitsandbytes_is_one_line_and_writes_nothing(tmp_path, tiny_bert_dir, monkeypatch):
+    from msplora.training.run import compose, fit
+    from tests.test_run_api import BASE, tiny
+
+    setup = compose([BASE], {**tiny(tiny_bert_dir), "model.quantize": "int8"}, root_dir=tmp_path)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes.*Fix: pip install 'msplora\[quant\]'"):
+        fit(setup)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == []
