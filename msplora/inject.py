@@ -24,6 +24,8 @@ from torch import nn
 from msplora.config import ConfigError, MSPLoRAConfig
 from msplora.io import atomic_dir, read_json
 from msplora.layers import PREFIX, KindBank, MSPLoRABank, MSPLoRALinear
+from msplora.quant import is_quantized, keep_trainable_layout, warn_requantized
+from msplora.quant import shape as quantized_shape
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,6 +49,8 @@ class Target:
 
     @property
     def shape(self) -> tuple[int, int]:  # (d_in, d_out)
+        if is_quantized(self.module):  # a packed 4-bit weight's shape is not (d_out, d_in)
+            return quantized_shape(self.module)
         w = self.module.weight
         return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
 
@@ -197,6 +201,7 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
         raise
+    keep_trainable_layout(model)  # bnb 4-bit bases: see msplora.quant
     _guard_save_pretrained(model)
     return model
 
@@ -332,6 +337,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
             )
     for layer in layers:
         layer.merge()
+    warn_requantized([(f"{x.kind} layer {x.layer_id}", x.merge_error) for x in layers if x.quantized])
     return model
 
 
@@ -363,7 +369,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     rounds twice and would drift (visibly in bf16) each time the block runs. That copy
     costs the merged target weights' memory for the block's duration."""
     layers = [layer for _, layer in wrapped_layers(model)]
-    before = [(layer.disabled, layer.base_layer.weight.detach().clone() if layer.merged else None) for layer in layers]
+    before = [(layer.disabled, layer.merged_snapshot() if layer.merged else None) for layer in layers]
     try:
         for layer in layers:
             layer.unmerge()
@@ -374,8 +380,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             for layer, (disabled, merged_w) in zip(layers, before):
                 layer.disabled = disabled
                 if merged_w is not None:
-                    layer.base_layer.weight.copy_(merged_w)
-                    layer.merged = True
+                    layer.restore_merged(merged_w)
 
 
 # -- updates, for analysis ------------------------------------------------------------------

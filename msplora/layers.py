@@ -43,6 +43,7 @@ from torch import nn
 
 from msplora.config import ConfigError, Level
 from msplora.pyramid import cell_lr_multipliers, cell_of_layer, n_cells
+from msplora.quant import dequantize, is_quantized, merge_weight, restore_weight, snapshot
 
 PREFIX = "msplora_bank"  # every adapter parameter's name starts with this (STYLE principle 7)
 
@@ -188,7 +189,8 @@ def scale_level_steps(optimizer: torch.optim.Optimizer, bank: MSPLoRABank) -> li
 
 
 class MSPLoRALinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` or GPT-2 ``Conv1D``; adds the pyramid's delta.
+    """Wraps a frozen ``nn.Linear``, GPT-2 ``Conv1D`` or bitsandbytes 4/8-bit linear
+    (:mod:`msplora.quant`); adds the pyramid's delta, computed in the bank's dtype.
 
     The wrapper knows its coordinates (kind, layer position) and reads its rows from
     the shared :class:`KindBank`, which it references without owning (so the shared
@@ -207,6 +209,8 @@ class MSPLoRALinear(nn.Module):
         self.register_buffer("rows", torch.tensor(bank.rows(pos), device=bank.A.device), persistent=False)
         self.merged = False
         self.disabled = False
+        self.quantized = is_quantized(base_layer)  # merge re-quantises (msplora.quant)
+        self.merge_error: float | None = None  # max abs error the last merge's re-quantisation added
 
     @property
     def bank(self) -> KindBank:
@@ -238,7 +242,10 @@ class MSPLoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, sign: int = 1) -> torch.Tensor:
         """W + sign * delta, summed in the wider of W's and the bank's dtype and rounded once
-        to W's dtype (a bf16 base with an fp32 bank: one rounding, not two). W is untouched."""
+        to W's dtype (a bf16 base with an fp32 bank: one rounding, not two). W is untouched.
+        A quantized W: deq(W) + sign * delta in fp32 (``merge`` quantises it)."""
+        if self.quantized:
+            return dequantize(self.base_layer) + sign * self.delta_weight().float()
         w = self.base_layer.weight
         acc = torch.promote_types(w.dtype, self._bank.A.dtype)
         return (w.to(acc) + sign * self.delta_weight().to(acc)).to(w.dtype)
@@ -253,15 +260,37 @@ class MSPLoRALinear(nn.Module):
                 f"merge: the delta of {self.kind} at layer {self.layer_id} gives non-finite weights; not merged. "
                 "Fix: look for inf/NaN in the adapter (a diverged run?) before merging"
             )
-        self.base_layer.weight.copy_(new)
+        if self.quantized:  # a new quantized weight; the old one is kept for unmerge
+            self.__dict__["_unmerged_weight"], self.merge_error = merge_weight(self.base_layer, new)
+        else:
+            self.base_layer.weight.copy_(new)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self.merged_weight(-1))
+        if self.quantized:  # the pre-merge quantized weight, bit for bit (no second rounding)
+            restore_weight(self.base_layer, self.__dict__.pop("_unmerged_weight"))
+        else:
+            self.base_layer.weight.copy_(self.merged_weight(-1))
         self.merged = False
+
+    def merged_snapshot(self):
+        """What :meth:`restore_merged` needs to put this merged layer back bit for bit after an
+        unmerge (``disable_adapters``): a copy of W, or a quantized W's weight object."""
+        if self.quantized:
+            return snapshot(self.base_layer), self.__dict__["_unmerged_weight"]
+        return self.base_layer.weight.detach().clone()
+
+    @torch.no_grad()
+    def restore_merged(self, snap) -> None:
+        if self.quantized:
+            merged, self.__dict__["_unmerged_weight"] = snap
+            restore_weight(self.base_layer, merged)
+        else:
+            self.base_layer.weight.copy_(snap)
+        self.merged = True
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, layer={self.layer_id}, rank={self.rows.numel()}"

@@ -14,6 +14,7 @@ Problems: sequence classification and regression (a DataModule with a GLUE-style
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -66,6 +67,7 @@ class MSPLoRAModule(L.LightningModule):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         train_adapter: bool = True,
+        quantize: Literal["nf4", "fp4", "int8"] | None = None,
     ) -> None:
         """Fine-tune a frozen transformer with an MSPLoRA adapter.
 
@@ -85,6 +87,10 @@ class MSPLoRAModule(L.LightningModule):
             gradient_checkpointing: trade compute for memory in the backbone.
             train_adapter: False keeps the adapter at its init (B = 0: the base model) and trains
                 the head alone: the head-only floor of a comparison (ablations/head_only.yaml).
+            quantize: load the frozen base quantized with bitsandbytes (QLoRA-style): ``nf4`` or
+                ``fp4`` (4-bit, computing in ``dtype``) or ``int8`` (LLM.int8); the task head and
+                ``pyramid.modules_to_save`` stay unquantized. The adapter trains in fp32 beside
+                the quantized weights. None = no quantization. Needs ``pip install 'msplora[quant]'``.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pyramid"])
@@ -121,6 +127,10 @@ class MSPLoRAModule(L.LightningModule):
         if self.model is not None:
             return
         check_model_name(self.hparams.model)  # a Hub name offline must be in the Hub cache
+        if self.hparams.get("quantize") is not None:  # bitsandbytes must import before anything is written
+            from msplora.quant import import_bnb
+
+            import_bnb()
         if self.pyramid is None:
             return
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -147,12 +157,15 @@ class MSPLoRAModule(L.LightningModule):
         hp = self.hparams
         path = resolve_model(hp.model)
         dtype = getattr(torch, hp.dtype)
+        quant = self._quantization(path) if hp.get("quantize") is not None else {}
         if hp.problem == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quant)
         else:
             if hp.num_labels is None:
                 raise msplora.ConfigError("model.num_labels: unknown. Fix: use a GLUE-style DataModule or set it")
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=hp.num_labels, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=hp.num_labels, dtype=dtype, **quant
+            )
             if model.config.pad_token_id is None:  # decoder backbones need it to find the last token
                 model.config.pad_token_id = model.config.eos_token_id
         cfg = self.pyramid or MSPLoRAConfig(targets=default_targets(model))
@@ -174,6 +187,22 @@ class MSPLoRAModule(L.LightningModule):
             self.val_metrics = nn.ModuleList(build_metrics(self.spec) for _ in range(n_val))
             self.test_metrics = nn.ModuleList(build_metrics(self.spec) for _ in range(n_test))
         return model
+
+    def _quantization(self, path: str) -> dict:
+        """``from_pretrained``'s arguments for ``quantize``: transformers' bitsandbytes config,
+        skipping the task head (``head_modules`` of a weightless copy) and ``modules_to_save``,
+        which must train. (transformers' own default skips only the model's last parameter's
+        module, which misses e.g. BERT's ``classifier``.)"""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from msplora.quant import quantization_config
+
+        hp = self.hparams
+        auto = AutoModelForCausalLM if hp.problem == "causal_lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):
+            skeleton = auto.from_config(AutoConfig.from_pretrained(path, num_labels=hp.num_labels or 2))
+        skip = head_modules(skeleton) + list(self.pyramid.modules_to_save if self.pyramid else [])
+        return {"quantization_config": quantization_config(hp.quantize, getattr(torch, hp.dtype), skip)}
 
     # -- naming of logged values --------------------------------------------------------------
     def _prefix(self, stage: str, idx: int) -> str:
