@@ -56,21 +56,26 @@ ARGS ?=
 EXTEND ?=
 STEPS ?=
 ROOT ?=
+SELECTION_SEEDS ?=
+BASELINE ?=
+MARGIN ?=
+COMPARE ?=
 ROOT_OPT = $(if $(ROOT),--root $(ROOT))
-ABL_COMMON = --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(EXTEND),--extend $(EXTEND)) $(if $(STEPS),--steps $(STEPS)) $(ROOT_OPT)
+ABL_COMMON = --seeds $(SEEDS) $(if $(LRS),--lrs "$(LRS)") $(if $(EXTEND),--extend $(EXTEND)) $(if $(STEPS),--steps $(STEPS)) $(if $(SELECTION_SEEDS),--selection-seeds $(SELECTION_SEEDS)) $(ROOT_OPT)
+REPORT_OPTS = $(ROOT_OPT) $(if $(BASELINE),--baseline $(BASELINE)) $(if $(MARGIN),--margin $(MARGIN)) $(foreach p,$(COMPARE),--compare $(p))
 ABL_OPTS = --task $(TASK) $(if $(CONFIG),--config $(CONFIG)) $(ABL_COMMON)
 # The embedded task never needs the hubs; a GLUE task or your own config/ARGS may (hub model names).
 HUB_MODE = $(if $(or $(CONFIG),$(ARGS),$(filter-out sentiment,$(TASK))),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 .PHONY: ablation ablations ablation-report
-ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 STEPS= CONFIG= ROOT= ARGS="--trainer.x=y"]
+ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 SELECTION_SEEDS=1 STEPS= CONFIG= ROOT= ARGS="--trainer.x=y"]
 	$(HUB_MODE) $(PY) -m msplora.ablation run $(NAME) $(ABL_OPTS) -- $(ARGS)
 
 ablations: install ## run every variant in ablations/
 	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
 
-ablation-report: install ## table (markdown) + PNG of whatever ablation results exist
-	$(PY) -m msplora.ablation report --task $(TASK) $(ROOT_OPT)
+ablation-report: install ## table, paired verdicts (markdown + JSON) and PNG: [TASK= BASELINE=lora_budget MARGIN=1 COMPARE="a:b c:d" ROOT=]
+	$(PY) -m msplora.ablation report --task $(TASK) $(REPORT_OPTS)
 
 # GLUE with MiniLM: GLUE_VARIANTS on every GLUE_TASK (configs/minilm/<task>.yaml), JOBS tasks at
 # once (one process a task: on a GPU several share the card; on this 2-core CPU keep JOBS=1).
@@ -84,7 +89,7 @@ glue-ablations: install ## GLUE_VARIANTS x GLUE_TASKS on MiniLM, JOBS tasks at o
 	printf '%s\n' $(GLUE_TASKS) | xargs -P $(JOBS) -I{} sh -c '$(PY) -m msplora.ablation run $(GLUE_VARIANTS) \
 		--task {} --config configs/minilm/{}.yaml $(ABL_COMMON) \
 		-- $(ARGS) > runs/glue/{}.log 2>&1 && echo "{}: done" || { echo "{}: failed, see runs/glue/{}.log"; exit 1; }'
-	for t in $(GLUE_TASKS); do $(PY) -m msplora.ablation report --task $$t $(ROOT_OPT) || exit 2; done
+	for t in $(GLUE_TASKS); do $(PY) -m msplora.ablation report --task $$t $(REPORT_OPTS) || exit 2; done
 
 # -- search (issue: Optuna search) --------------------------------------------------------------
 TRIALS ?= 20
