@@ -268,7 +268,7 @@ CASES = [
     # -- ablation
     Case("ablation_unknown_variant", cmd(*ABLATION, "no_such_variant"), "unknown ablation 'no_such_variant'"),
     Case("ablation_steps_0", cmd(*ABLATION, "full", "--steps", "0"), "--steps 0: need at least 1 training step"),
-    Case("ablation_seeds_0", cmd(*ABLATION, "full", "--seeds", "0"), "--seeds 0: need at least 1"),
+    Case("ablation_seeds_0", cmd(*ABLATION, "full", "--seeds", "0"), "--seeds 0: need 1 to 1000"),
     Case("ablation_lrs_words", cmd(*ABLATION, "full", "--lrs", "fast slow"), "not numbers"),
     Case("ablation_lrs_negative", cmd(*ABLATION, "full", "--lrs=-1e-3"), "need positive values"),
     Case("ablation_extend_negative", cmd(*ABLATION, "full", "--extend", "-1"), "--extend -1"),

@@ -264,7 +264,8 @@ def test_model_info_finds_the_targets_inject_wraps(tmp_path, tiny_bert_dir):
 
     cfg = tmp_path / "m.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"model": str(tiny_bert_dir), "pyramid": {"targets": ["query", "value"]}}}))
-    info = model_info([str(cfg)], [])
+    base = str(REPO / "configs" / "base.yaml")
+    info = model_info([base, str(cfg)], [])
     model = msplora.inject(
         AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir), MSPLoRAConfig(targets=["query", "value"])
     )
@@ -272,7 +273,7 @@ def test_model_info_finds_the_targets_inject_wraps(tmp_path, tiny_bert_dir):
     assert info.shapes == {k: (kb.d_in, kb.d_out) for k, kb in kinds.items()}
     assert info.n_layers == len(kinds["query"].layer_ids)
     with pytest.raises(SearchError, match=r"matches no module.*Fix"):
-        model_info([str(cfg)], ["--model.pyramid.targets=[nope]"])
+        model_info([base, str(cfg)], ["--model.pyramid.targets=[nope]"])
 
 
 ASK_SCRIPT = """

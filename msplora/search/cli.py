@@ -27,7 +27,7 @@ from msplora.search.objective import (
     run_rank_child,
 )
 from msplora.search.report import report
-from msplora.search.space import DEFAULT_SPACE, SearchError, check_sampleable, load_space, model_info, resolved_value
+from msplora.search.space import DEFAULT_SPACE, SearchError, check_sampleable, compose_fit, load_space, model_info
 from msplora.search.study import (
     DEFAULT_OUT,
     DEFAULT_STORAGE,
@@ -44,8 +44,8 @@ from msplora.search.study import (
 from msplora.search.workers import ENV_STORAGE, EXIT_FAILING, RunPlan, supervise, work
 
 
-def _devices_per_trial(fit_args: list[str]) -> int:
-    v = resolved_value([], fit_args, "trainer.devices", 1)
+def _devices_per_trial(setup) -> int:
+    v = setup.config["trainer"].get("devices", 1)
     return v if isinstance(v, int) and v > 0 else 1
 
 
@@ -57,7 +57,8 @@ def cmd_run(a: argparse.Namespace, extra: list[str]) -> int:
     fit_args = compose_fit_args(sp, extra)
     url = storage_url(a.storage)
     name = a.study or sp.name
-    info = model_info(sp.configs, fit_args)  # a model / targets that cannot work fail here
+    setup = compose_fit(list(sp.configs), list(sp.fit_args) + list(extra))  # what every trial starts from
+    info = model_info(sp.configs, [], setup)  # a model / targets that cannot work fail here
     check_sampleable(sp, info.n_layers)
     storage = open_storage(url, a.heartbeat, a.grace)
     study = create_study(storage, name, sp, fit_args, info.to_dict())
@@ -71,7 +72,7 @@ def cmd_run(a: argparse.Namespace, extra: list[str]) -> int:
         out=Path(a.out),
         heartbeat=a.heartbeat,
         grace=a.grace,
-        devices_per_trial=_devices_per_trial(fit_args),
+        devices_per_trial=_devices_per_trial(setup),
         fit_fn=a.fit_fn,
     )
     return supervise(study, storage, plan)

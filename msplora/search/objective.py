@@ -90,6 +90,19 @@ def context_of(study, out_root: Path) -> TrialContext:
 
 
 # -- the fit ----------------------------------------------------------------------------------------------
+def dotted(overlay: dict, prefix: str = "") -> dict:
+    """``{"model": {"lr": 1e-3, "pyramid": {"levels": [...]}}}`` -> ``{"model.lr": 1e-3,
+    "model.pyramid.levels": [...]}``: each leaf at its key, as a YAML overlay sets it (lists whole)."""
+    out: dict = {}
+    for k, v in overlay.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= dotted(v, f"{key}.")
+        else:
+            out[key] = v
+    return out
+
+
 def run_fit(spec: dict, callbacks: list):
     """THE call into training: the run API on the trial's configs (the space's, then the overlay),
     command-line overrides and run folder. Returns the Setup (trainer, model) and the RunResult."""
@@ -97,7 +110,7 @@ def run_fit(spec: dict, callbacks: list):
     from msplora.training.run import compose, fit
 
     try:
-        setup = compose(spec["configs"], args=spec["args"], root_dir=spec["root"])
+        setup = compose(spec["configs"], spec.get("overrides"), spec["args"], root_dir=spec["root"])
     except UserError as e:  # every trial would fail the same way
         raise SearchError(
             f"the fit arguments do not parse: {e}. Fix: correct the space's fit_args or the EXTRA args after --"
@@ -152,11 +165,13 @@ def fit_trial(trial, overlay: dict, root: Path, ctx: TrialContext) -> RunResult:
     import optuna
 
     root.mkdir(parents=True, exist_ok=True)
-    path = root / "overlay.yaml"
-    path.write_text(yaml.safe_dump(overlay, sort_keys=False))
+    # The overlay goes to the fit as typed overrides (one composer, no text round trip); the YAML
+    # beside the run is its record (`msplora fit --config ... --config overlay.yaml` reruns it).
+    (root / "overlay.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     prune = not ctx.space.multi and ctx.space.pruner.get("name") != "none"
     spec = {
-        "configs": [*ctx.configs, str(path)],
+        "configs": list(ctx.configs),
+        "overrides": dotted(overlay),
         "args": list(ctx.fit_args),
         "root": str(root),
         "prune": prune,

@@ -190,24 +190,24 @@ class ModelInfo:
         return cls(int(d["n_layers"]), {k: (int(v[0]), int(v[1])) for k, v in d["shapes"].items()})
 
 
-def resolved_value(configs: list[str], args: list[str], dotted: str, default: Any = None) -> Any:
-    """The value of ``model.model`` (etc.) after composing the YAML files and ``--key=value`` args."""
-    value = default
-    for c in configs:
-        node = yaml.safe_load(Path(c).read_text()) or {}
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            value = node
-    for a in args:
-        if a.startswith(f"--{dotted}="):
-            value = yaml.safe_load(a.split("=", 1)[1])
-    return value
+def compose_fit(configs: list[str], args: list[str]):
+    """The fit every trial starts from (the space's configs and command-line overrides), parsed and
+    built by the run API's one composer, so the search reads the model, targets and devices the
+    trials will train with. No weights are loaded; nothing is written."""
+    from msplora.errors import UserError
+    from msplora.training.run import compose
+
+    try:
+        return compose(configs, args=args)
+    except UserError as e:
+        raise SearchError(
+            f"the fit arguments do not parse: {e}. Fix: correct the space's configs / fit_args or the EXTRA args after --"
+        ) from None
 
 
-def model_info(configs: list[str], args: list[str]) -> ModelInfo:
+def model_info(configs: list[str], args: list[str], setup=None) -> ModelInfo:
     """Layer count and target shapes from the model's config, on the meta device (no weights),
-    found exactly as `inject` finds them."""
+    found exactly as `inject` finds them. ``setup``: an already composed fit (``compose_fit``)."""
     import torch
     from transformers import AutoConfig, AutoModel
 
@@ -215,8 +215,10 @@ def model_info(configs: list[str], args: list[str]) -> ModelInfo:
     from msplora.hf import resolve_model
     from msplora.inject import target_layout
 
-    name = resolved_value(configs, args, "model.model", "minilm")
-    targets = resolved_value(configs, args, "model.pyramid.targets", ["query", "value"])
+    setup = setup or compose_fit(configs, args)
+    name = setup.config["model"]["model"]
+    pyramid = setup.config["model"].get("pyramid")
+    targets = getattr(pyramid, "targets", None) or (pyramid or {}).get("targets") or ["query", "value"]
     try:
         cfg = AutoConfig.from_pretrained(resolve_model(name))
     except (OSError, ValueError, ImportError) as e:  # not a local folder / alias, hub offline

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import msplora
 from msplora.io import atomic_write, read_json, write_json_atomic
+from msplora.training.record import RunRecord
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -90,14 +91,15 @@ class MetricsJSON(L.Callback):
         # folder written by another process (a resumed fit, `msplora test`) starts from its file.
         if getattr(pl_module, "run_record", None) is None:
             path = self.root / "metrics.json"
-            pl_module.run_record = read_json(path, "the run's metrics.json") if path.is_file() else {}
+            saved = read_json(path, "the run's metrics.json") if path.is_file() else {}
+            pl_module.run_record = RunRecord.from_dict(saved)
         self.record = pl_module.run_record
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t0 = time.perf_counter()
 
     def _write(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        out = self.record
+        out: RunRecord = self.record
         dm = trainer.datamodule
         spec = getattr(dm, "spec", None)
         out.update(
@@ -117,19 +119,24 @@ class MetricsJSON(L.Callback):
             )
             baseline = majority_baseline(dm)
             if baseline is not None:
-                out["majority_baseline"] = baseline
+                out.update(majority_baseline=baseline)
             if self.best.best_predictions:
-                out.setdefault("predictions", {})["val"] = self.best.best_predictions
+                out.update(predictions={**out.predictions, "val": self.best.best_predictions})
         if stage == "test" and getattr(pl_module, "eval_predictions", {}).get("test"):
-            out.setdefault("predictions", {})["test"] = pl_module.eval_predictions["test"]
+            out.update(predictions={**out.predictions, "test": pl_module.eval_predictions["test"]})
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        out.setdefault("final", {}).update(
-            {k: v for k, v in final.items() if not k.startswith("train")}
-            if stage == "fit"
-            else {k: v for k, v in final.items() if k.startswith(stage)}
+        out.update(
+            final={
+                **out.final,
+                **(
+                    {k: v for k, v in final.items() if not k.startswith("train")}
+                    if stage == "fit"
+                    else {k: v for k, v in final.items() if k.startswith(stage)}
+                ),
+            }
         )
         if trainer.is_global_zero:  # one writer; every rank keeps the record
-            write_json_atomic(self.root / "metrics.json", out)
+            write_json_atomic(self.root / "metrics.json", out.to_dict())
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "fit")

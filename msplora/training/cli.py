@@ -211,11 +211,17 @@ class MSPLoRACLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # With exit_on_error=False (cli_main) jsonargparse raises instead of printing a dump of
         # the whole namespace; say in one line which key is wrong and what it accepts.
+        # A Composition (msplora.training.run.compose) is parsed as data, stage by stage.
+        composed = hasattr(args, "parse") and hasattr(args, "describe")
         try:
-            super().parse_arguments(parser, args)
+            if composed:
+                self.config = args.parse(parser)
+            else:
+                super().parse_arguments(parser, args)
         except argparse.ArgumentError as e:
-            command = "fit" if self.deferred else args[0] if args and args[0] in self.subcommands() else ""
-            raise UsageError(explain_parse_error(e, args, self._valid_keys, command)) from e
+            argv = args.describe() if composed else args
+            command = "fit" if self.deferred else argv[0] if argv and argv[0] in self.subcommands() else ""
+            raise UsageError(explain_parse_error(e, argv, self._valid_keys, command)) from e
         # Lightning torch.loads ckpt_path right after parsing (for its hyperparameters): refuse a
         # missing or broken file first, before anything is read or written.
         sub = self.config.get("subcommand")

@@ -99,7 +99,7 @@ class MSPLoRAModule(L.LightningModule):
         self.model: nn.Module | None = None
         self.spec = None
         self._loader_states: list[dict] | None = None  # from a checkpoint, for on_train_start
-        self.run_record: dict | None = None  # metrics.json's content, kept by MetricsJSON
+        self.run_record = None  # metrics.json's content (a msplora.training.record.RunRecord), kept by MetricsJSON
         self.strict_loading = False  # checkpoints hold only adapter + head
         self.val_metrics = nn.ModuleList()
         self.test_metrics = nn.ModuleList()

@@ -8,8 +8,9 @@ instruct demo all make.
 
 Composition stays LightningCLI / jsonargparse, so what a YAML overlay or a dotted override does
 from Python is exactly what it does on the command line. Sources apply in this order, a later
-one winning on the same key: the config files, then ``overrides`` (typed values), then ``args``
-(command-line pieces as a user typed them), then ``root_dir``.
+one winning on the same key: the config files, then ``overrides`` (typed values, handed to the
+parser as objects: never turned into ``--key=value`` text), then ``args`` (command-line pieces as
+a user typed them), then ``root_dir``.
 
 Nothing here reads the run's files back: the values come from the module's record of the run
 (what :class:`~msplora.training.callbacks.MetricsJSON` writes to ``metrics.json``) and the trainer.
@@ -27,7 +28,57 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunResult", "Setup", "compose", "fit", "override_args"]
+__all__ = ["Composition", "RunResult", "Setup", "compose", "fit", "override_args"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """What one fit is composed of, as data: what ``compose`` hands the CLI's parser, which
+    parses it in stages (:meth:`parse`) instead of a command line."""
+
+    configs: tuple[str, ...] = ()
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    root_dir: str | None = None
+
+    def parse(self, parser):
+        """The config files (as ``--config`` would read them), then each typed override as an
+        object at its dotted key, then the user's command-line pieces, then the run folder; each
+        stage starts from the namespace of the one before, so a later source wins on its keys."""
+        files = [x for c in self.configs for x in ("--config", c)]
+        if not self.overrides:  # files then the user's pieces: exactly a command line
+            cfg = parser.parse_args(files + list(self.args))
+        else:
+            cfg = parser.parse_args(files)  # (so the files must make a whole config by themselves)
+            cfg = parser.parse_object(_nested(self.overrides), namespace=cfg)
+        if self.overrides and self.args:
+            # The user's pieces go on top as they would after those config files on a command line:
+            # the namespace so far, in the parser's own serialisation, is their first config. (Parsing
+            # them into the namespace directly makes jsonargparse take a dataclass value such as
+            # model.pyramid for a subclass spec and refuse it.)
+            cfg = parser.parse_args(["--config", parser.dump(cfg, skip_link_targets=True), *self.args])
+        if self.root_dir is not None:
+            cfg = parser.parse_object({"trainer": {"default_root_dir": self.root_dir}}, namespace=cfg)
+        return cfg
+
+    def describe(self) -> list[str]:
+        """A command line that means the same, for error messages only (they name files and keys)."""
+        out = [x for c in self.configs for x in ("--config", c)] + override_args(self.overrides) + list(self.args)
+        return out + ([f"--trainer.default_root_dir={self.root_dir}"] if self.root_dir is not None else [])
+
+
+def _nested(overrides: Mapping[str, Any]) -> dict:
+    """``{"data.init_args.seed": 1}`` -> ``{"data": {"init_args": {"seed": 1}}}`` (values kept as given)."""
+    out: dict = {}
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r} goes below {part!r}, which another override sets to a value")
+        node[leaf] = value
+    return out
 
 
 def _value(v: Any) -> str:
@@ -141,11 +192,13 @@ def compose(
     folder (``root_dir/version_N``) is claimed when ``fit`` starts."""
     from msplora.training.cli import cli_main
 
-    argv = [x for c in configs for x in ("--config", str(c))]
-    argv += override_args(overrides) + list(args)
-    if root_dir is not None:
-        argv.append(f"--trainer.default_root_dir={root_dir}")
-    return Setup(cli_main(argv, run=False, exit_on_error=False))
+    composition = Composition(
+        tuple(str(c) for c in configs),
+        dict(overrides or {}),
+        tuple(args),
+        None if root_dir is None else str(root_dir),
+    )
+    return Setup(cli_main(composition, run=False, exit_on_error=False))
 
 
 def fit(
@@ -179,32 +232,33 @@ def fit(
 
 
 def _result(setup: Setup, wall: float, val_before: dict | None) -> RunResult:
+    from msplora.training.record import RunRecord
+
     trainer, model = setup.trainer, setup.model
-    m = dict(model.run_record or {})
-    final = m.get("final", {})
+    rec = model.run_record if isinstance(model.run_record, RunRecord) else RunRecord.from_dict(model.run_record)
     run = Path(trainer.log_dir) if trainer.log_dir else None
     best_adapter = run / "best_adapter" if run is not None and (run / "best_adapter").is_dir() else None
     ckpt = trainer.checkpoint_callback
     best_ckpt = Path(ckpt.best_model_path) if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
     hp = model.hparams
     return RunResult(
-        task=m.get("task"),
-        model=m.get("model", hp.get("model")),
-        metric=m.get("metric", ""),
-        monitor=m.get("monitor", ""),
-        value=m.get("value"),
-        best_epoch=m.get("best_epoch"),
-        test={k: v for k, v in final.items() if k.startswith("test")},
-        trainable_params=m.get("trainable_params", 0),
-        adapter_params=m.get("adapter_params", 0),
-        params_per_level=dict(m.get("params_per_level", {})),
-        lora_r8_adapter_params=m.get("lora_r8_adapter_params", 0),
-        lora_r8_params=m.get("lora_r8_params", 0),
-        majority_baseline=m.get("majority_baseline"),
+        task=rec.task,
+        model=rec.model or hp.get("model"),
+        metric=rec.metric or "",
+        monitor=rec.monitor or "",
+        value=rec.value,
+        best_epoch=rec.best_epoch,
+        test={k: v for k, v in rec.final.items() if k.startswith("test")},
+        trainable_params=rec.trainable_params or 0,
+        adapter_params=rec.adapter_params or 0,
+        params_per_level=dict(rec.params_per_level),
+        lora_r8_adapter_params=rec.lora_r8_adapter_params or 0,
+        lora_r8_params=rec.lora_r8_params or 0,
+        majority_baseline=rec.majority_baseline,
         global_step=trainer.global_step,
         epochs=trainer.current_epoch,
         wall_time_s=round(wall, 1),
-        fit_wall_time_s=m.get("wall_time_s"),
+        fit_wall_time_s=rec.wall_time_s,
         seed=setup.seed,
         lr=hp.get("lr"),
         head_lr=hp.get("head_lr"),
@@ -212,7 +266,7 @@ def _result(setup: Setup, wall: float, val_before: dict | None) -> RunResult:
         best_adapter=best_adapter,
         best_checkpoint=best_ckpt,
         val_before=val_before,
-        metrics=m,
+        metrics=rec.to_dict(),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from msplora.errors import ArgumentParser, UserError
 from msplora.io import read_json
+from msplora.training.record import RunRecord
 
 
 def find_metrics(run: str | Path) -> Path:
@@ -34,28 +35,15 @@ def main(argv: list[str] | None = None) -> dict:
     m = read_json(path, "metrics.json", fix="pass a finished run's directory", error=UserError)
     if not isinstance(m, dict):
         raise UserError(f"{path}: not a metrics.json (a JSON object). Fix: pass a finished run's directory")
-    line = {
-        k: m.get(k)
-        for k in (
-            "task",
-            "metric",
-            "value",
-            "trainable_params",
-            "lora_r8_params",
-            "majority_baseline",
-            "adapter_params",
-            "lora_r8_adapter_params",
-            "wall_time_s",
-        )
-    }
+    r = RunRecord.from_dict(m)
+    counts = ("trainable_params", "lora_r8_params", "adapter_params", "lora_r8_adapter_params")
+    line = {k: getattr(r, k) for k in ("task", "metric", "value", *counts[:2], "majority_baseline", *counts[2:])}
+    line["wall_time_s"] = r.wall_time_s
     line["run"] = str(path.parent)
     print(f"run            {path.parent}")
-    print(f"task           {m.get('task')}   ({m.get('model')})")
-    print(f"{m.get('metric'):14s} {m.get('value')}   (majority-class baseline {m.get('majority_baseline')})")
-    n = {
-        k: f"{m[k]:,}" if isinstance(m.get(k), int) else "?"
-        for k in ("trainable_params", "lora_r8_params", "adapter_params", "lora_r8_adapter_params")
-    }
+    print(f"task           {r.task}   ({r.model})")
+    print(f"{r.metric!s:14s} {r.value}   (majority-class baseline {r.majority_baseline})")
+    n = {k: f"{getattr(r, k):,}" if isinstance(getattr(r, k), int) else "?" for k in counts}
     print(
         f"trainable      {n['trainable_params']} MSPLoRA vs {n['lora_r8_params']} LoRA r=8 "
         f"(adapter only: {n['adapter_params']} vs {n['lora_r8_adapter_params']})"
