@@ -17,7 +17,6 @@ so ``AutoPeftModelFor*.from_pretrained(folder)`` finds and builds the base itsel
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -107,17 +106,6 @@ def task_type_of(model: nn.Module) -> str | None:
     return None
 
 
-def _publish(d: Path) -> None:
-    """Make a finished folder readable by others as ``os.makedirs`` / ``open`` would with the
-    caller's umask (0755 / 0644 under the usual 022); ``mkdtemp`` makes 0700."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, _dirs, files in os.walk(d):
-        os.chmod(root, 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
 def _peft_classes():
     """peft's model and wrapper classes, or None where peft is not installed (then no model
     can hold peft wrappers)."""
@@ -148,9 +136,10 @@ def lora_view(
     task = None
     if classes is not None and isinstance(model, classes[0]):
         cfg = model.active_peft_config
-        if str(cfg.peft_type) != "MSPLORA":
+        kind = getattr(cfg.peft_type, "value", cfg.peft_type)  # PeftType member, or msplora's plain string
+        if kind != "MSPLORA":
             raise ConfigError(
-                f"model: holds a peft {cfg.peft_type} adapter, not an MSPLoRA one. "
+                f"model: holds a peft {kind} adapter, not an MSPLoRA one. "
                 "Fix: save it with model.save_pretrained(dir), which is already a peft folder"
             )
         task = cfg.task_type
@@ -234,7 +223,6 @@ def export_peft(model: nn.Module, path: str | Path, base_model: str | None = Non
     def write(d: Path) -> None:
         lora.save_pretrained(str(d))
         save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        _publish(d)
 
     _atomic_dir(Path(path), write)
     return Path(path)
@@ -252,7 +240,6 @@ def save_plain(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
         model.save_pretrained(str(d))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))
-        _publish(d)
 
     _atomic_dir(Path(path), write)
     return Path(path)

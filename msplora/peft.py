@@ -504,10 +504,13 @@ def to_core_model(model: nn.Module) -> nn.Module:
     without an MSPLoRA adapter or with peft wrappers it cannot convert; the PeftModel itself
     must not be used afterwards."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    if isinstance(model, PeftModel) and model.active_peft_config.peft_type != PEFT_TYPE:
+    kind = (
+        getattr(model.active_peft_config.peft_type, "value", PEFT_TYPE) if isinstance(model, PeftModel) else PEFT_TYPE
+    )
+    if kind != PEFT_TYPE:
         _fail(
             "model",
-            f"holds a peft {model.active_peft_config.peft_type} adapter, not an MSPLoRA one",
+            f"holds a peft {kind} adapter, not an MSPLoRA one",
             "save it with model.save_pretrained(dir)",
         )
     bank = get_bank(base)

@@ -103,7 +103,8 @@ def test_get_peft_model_equals_inject(name):
 
 
 def test_config_has_the_core_fields_and_defaults(tmp_path):
-    assert MSPLoRAPeftConfig().to_msplora().to_dict() == MSPLoRAConfig().to_dict()
+    # every core default but targets (None: the architecture's q/v, resolved on the model)
+    assert MSPLoRAPeftConfig(targets=["query", "value"]).to_msplora().to_dict() == MSPLoRAConfig().to_dict()
     cfg = MSPLoRAPeftConfig(targets=["q_proj"], r0=16, decay=0.25, dropout=0.1, task_type="CAUSAL_LM")
     assert [lv.rank for lv in cfg.levels] == [16, 4, 1] and cfg.r0 is None
     cfg.save_pretrained(tmp_path)

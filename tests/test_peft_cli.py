@@ -100,9 +100,9 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(broken_run, tmp_path, ca
     out = tmp_path / "out"
     cases = [
         ([str(tmp_path / "nope"), "--to", "peft", str(out)], "is not a folder"),
-        ([str(tmp_path), "--to", "peft", str(out)], "holds no best_adapter/"),
+        ([str(tmp_path), "--to", "peft", str(out)], "holds no adapter"),
         ([str(broken_run), "--to", "onnx", str(out)], "invalid choice"),
-        ([str(broken_run), "--to", "merged", str(out)], "cannot load the run's model"),
+        ([str(broken_run), "--to", "merged", str(out)], "cannot load the source's model"),
         ([str(broken_run), "--to", "peft"], "required"),
     ]
     for args, needle in cases:
@@ -121,5 +121,5 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(broken_run, tmp_path, ca
 def test_command_line_exit_status_and_stderr(broken_run, tmp_path):
     proc = run_cli(str(broken_run), "--to", "peft", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stdout == ""
-    assert_one_line_error(proc.stderr, "cannot load the run's model")
+    assert_one_line_error(proc.stderr, "cannot load the source's model")
     assert not (tmp_path / "out").exists()
