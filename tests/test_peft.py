@@ -102,6 +102,32 @@ def test_get_peft_model_equals_inject(name):
     assert sum(isinstance(m, MSPLoRAPeftLayer) for m in pm.modules()) == len(list(msplora.wrapped_layers(core)))
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_peft_door_with_dropout_in_train_mode_equals_inject(name):
+    """Same base, same A/B, same seed: the peft door draws the same masks as inject(dropout=p)
+    (base dropout included), so train-mode outputs are bit-identical; another seed differs."""
+    p = 0.3
+    base = CASES[name][0]()
+    core = injected(name, base, dropout=p)
+    randomize_adapter(core)
+    pm = peft_model(name, base, dropout=p)
+    copy_bank(core, pm)
+    with torch.no_grad():
+        for n, prm in pm.named_parameters():  # the head copy peft trains = the core's head
+            if ".modules_to_save." in n:
+                prm.copy_(core.get_parameter(n.split("base_model.model.")[1].replace(".modules_to_save.default", "")))
+    core.train()
+    pm.train()
+    x = inputs()
+    outs = []
+    with torch.no_grad():
+        for m, seed in ((core, 0), (pm, 0), (pm, 1)):
+            torch.manual_seed(seed)
+            outs.append(logits(m, x))
+    assert torch.equal(outs[1], outs[0])
+    assert not torch.allclose(outs[2], outs[0], atol=1e-3)
+
+
 def test_config_has_the_core_fields_and_defaults(tmp_path):
     # every core default but targets (None: the architecture's q/v, resolved on the model)
     assert MSPLoRAPeftConfig(targets=["query", "value"]).to_msplora().to_dict() == MSPLoRAConfig().to_dict()
