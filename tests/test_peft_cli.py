@@ -123,3 +123,44 @@ def test_command_line_exit_status_and_stderr(broken_run, tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert_one_line_error(proc.stderr, "cannot load the source's model")
     assert not (tmp_path / "out").exists()
+
+
+# -- the command boundary: --version, missing extras --------------------------------------------
+def test_version(capsys):
+    import msplora as m
+
+    assert msplora_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"msplora {m.__version__}"
+
+
+def test_extras_table_matches_pyproject():
+    import re
+
+    import tomllib
+
+    from msplora.__main__ import EXTRAS
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    dist = {"sklearn": "scikit-learn", "optuna_integration": "optuna-integration"}
+    for module, extra in EXTRAS.items():
+        names = {re.split(r"[\[<>=;! ]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+        assert dist.get(module, module) in names, (module, extra)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_fit_without_the_train_extra_names_it():
+    code = (
+        "import sys; sys.modules['lightning'] = None\n"  # as if [train] were not installed
+        "from msplora.__main__ import main; sys.exit(main(['fit', '--help']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "lightning" in lines[0] and "pip install 'msplora[train]'" in lines[0]
