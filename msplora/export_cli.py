@@ -2,6 +2,7 @@
 
     SRC, one of                                     loaded as
       a fit's run folder (<root>/version_N)           base model (alias / hub name / folder) + best_adapter/
+                                                      (--from last: + checkpoints/last.ckpt's adapter and head)
       an msplora adapter folder (save_adapter)        the same, the model named by metrics.json beside it
       a peft save_pretrained folder                   base_model_name_or_path + PeftModel.from_pretrained
       a Trainer / TRL checkpoint-N/ folder            (both: adapter_config.json with peft_type MSPLORA)
@@ -31,6 +32,7 @@ from msplora.errors import ArgumentParser, run_command
 from msplora.io import read_json
 
 PEFT_TYPE = "MSPLORA"  # msplora.peft.PEFT_TYPE, without importing peft before it is needed
+LAST = "checkpoints/last.ckpt"  # a run's last training state (training.callbacks.LastCheckpoint)
 
 
 class ExportError(ConfigError):
@@ -124,10 +126,12 @@ def find_adapter(run_dir: Path) -> Path:
         if (cand / ADAPTER_CONFIG).is_file():
             return cand
     if (run_dir / "metrics.json").is_file() or (run_dir / "checkpoints").is_dir():
+        last = (run_dir / LAST).is_file()
         raise ExportError(
             f"SRC: the run {run_dir} has no best_adapter/: it is written at a validation pass that improves the "
-            "selection metric, and this fit ran none (a short fit, or validation switched off). Fix: fit with a "
-            "validation pass (e.g. --trainer.val_check_interval / --trainer.check_val_every_n_epoch), or pass a run that has one"
+            "selection metric, and this fit ran none (a short fit, or validation switched off). Fix: "
+            + ("export the last training state with --from last, or " if last else "")
+            + "fit with a validation pass (e.g. --trainer.val_check_interval / --trainer.check_val_every_n_epoch)"
         )
     found = sorted(str(p.parent.relative_to(run_dir)) for p in run_dir.glob("*/best_adapter/" + ADAPTER_CONFIG))
     hint = (
@@ -179,25 +183,64 @@ def _tokenizer(name: str):
         return None
 
 
-def load_run(run_dir: Path):
-    """(model with the run's best adapter loaded, tokenizer, RunModel)."""
+def _base_model(spec: RunModel):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    import msplora
     from msplora.hf import resolve_model
 
-    adapter = find_adapter(run_dir)
-    spec = run_model(run_dir, adapter)
     path = resolve_model(spec.name)
     dtype = getattr(torch, spec.dtype)
     if spec.problem == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels, dtype=dtype)
+    if model.config.pad_token_id is None:  # as the fit did (decoder backbones)
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def _load_last(run_dir: Path):
+    """(model with the adapter and head of ``checkpoints/last.ckpt``, RunModel): the state the
+    fit ended with, for a run that never validated. Read with ``weights_only`` after the
+    archive is checked, so a damaged or foreign file is refused, never unpickled."""
+    import torch
+
+    import msplora
+    from msplora.io import check_checkpoint_file
+
+    ckpt_path = check_checkpoint_file(run_dir / LAST, flag="SRC")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters") or {}
+    if not hp.get("model") or not isinstance(hp.get("pyramid"), dict):
+        raise ExportError(f"SRC: {ckpt_path} names no model or pyramid. Fix: pass a checkpoint written by msplora fit")
+    spec = RunModel(
+        str(hp["model"]), hp.get("problem") or "causal_lm", hp.get("num_labels"), hp.get("dtype") or "float32"
+    )
+    model = msplora.inject(_base_model(spec), msplora.MSPLoRAConfig.from_dict(hp["pyramid"]))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != want:
+        raise ExportError(
+            f"SRC: {ckpt_path} does not hold this run's adapter and head (missing {sorted(want - set(state))[:3]}, "
+            f"unexpected {sorted(set(state) - want)[:3]}). Fix: pass the run folder the checkpoint belongs to"
+        )
+    model.load_state_dict(state, strict=False)
+    return model, spec
+
+
+def load_run(run_dir: Path, which: str = "best"):
+    """(model with the run's best adapter, or its last training state, loaded; tokenizer; RunModel)."""
+    import msplora
+
+    if which == "last":
+        if not (run_dir / LAST).is_file():
+            raise ExportError(f"SRC: {run_dir} has no {LAST}. Fix: pass a fit's run folder, or drop --from last")
+        model, spec = _load_last(run_dir)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels, dtype=dtype)
-        if model.config.pad_token_id is None:  # as the fit did (decoder backbones)
-            model.config.pad_token_id = model.config.eos_token_id
-    msplora.load_adapter(model, adapter)
+        adapter = find_adapter(run_dir)
+        spec = run_model(run_dir, adapter)
+        model = _base_model(spec)
+        msplora.load_adapter(model, adapter)
     model.eval()
     return model, _tokenizer(spec.name), spec
 
@@ -270,8 +313,9 @@ def load_peft_folder(folder: Path, base_model: str | None = None) -> Source:
     return Source(model, _tokenizer(name), str(name))
 
 
-def load_source(src: Path, base_model: str | None = None) -> Source:
-    """SRC (see the module docstring) -> the model to write; refuses, naming what SRC is."""
+def load_source(src: Path, base_model: str | None = None, which: str = "best") -> Source:
+    """SRC (see the module docstring) -> the model to write; refuses, naming what SRC is.
+    ``which``: a run's ``best`` adapter or its ``last`` training state."""
     if not src.is_dir():
         raise ExportError(
             f"SRC: {src} is not a folder. Fix: pass a run folder, a peft adapter folder or a checkpoint-N/ folder"
@@ -283,6 +327,8 @@ def load_source(src: Path, base_model: str | None = None) -> Source:
                 f"SRC: {src} is a peft {kind} adapter, not an MSPLoRA one. Fix: load it with peft as it is "
                 "(PeftModel.from_pretrained), or pass an MSPLoRA source"
             )
+        if which != "best":
+            raise ExportError(f"--from {which}: applies to a fit's run folder, not a peft folder. Fix: drop --from")
         return load_peft_folder(src, base_model)
     checkpoints = sorted(
         (p for p in src.glob("checkpoint-*") if _peft_type(p) is not None),
@@ -293,18 +339,19 @@ def load_source(src: Path, base_model: str | None = None) -> Source:
             f"SRC: {src} is a Trainer output folder with {len(checkpoints)} checkpoints "
             f"({', '.join(p.name for p in checkpoints)}). Fix: pass one of them, e.g. {checkpoints[-1]}"
         )
-    model, tokenizer, spec = load_run(src)
+    model, tokenizer, spec = load_run(src, which)
     return Source(model, tokenizer, spec.name)
 
 
-def export(src: str | Path, to: str, out: str | Path, base_model: str | None = None) -> Path:
-    """Export SRC as ``to`` (a key of :data:`FORMATS`) into the new folder ``out``."""
+def export(src: str | Path, to: str, out: str | Path, base_model: str | None = None, which: str = "best") -> Path:
+    """Export SRC as ``to`` (a key of :data:`FORMATS`) into the new folder ``out``; ``which``:
+    a run's ``best`` adapter or its ``last`` training state."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if to not in FORMATS:
         raise ExportError(f"--to: unknown format {to!r}. Fix: use one of {', '.join(FORMATS)}")
     if out.exists():
         raise ExportError(f"OUT: {out} already exists. Fix: choose a new folder, or remove it first")
-    FORMATS[to].write(load_source(src, base_model), out)
+    FORMATS[to].write(load_source(src, base_model, which), out)
     return out
 
 
@@ -328,10 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", metavar="SRC", help="run folder, adapter folder, peft folder or checkpoint-N/")
     parser.add_argument("--to", required=True, choices=TARGETS, help="output format (see above)")
     parser.add_argument("--base-model", help="base model for a peft folder that names none (hub name or folder)")
+    parser.add_argument(
+        "--from",
+        dest="which",
+        choices=("best", "last"),
+        default="best",
+        help="a run folder's best_adapter/ (default) or its last training state (checkpoints/last.ckpt)",
+    )
     parser.add_argument("out", metavar="OUT", help="folder to create (must not exist)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # a usage error: UsageError, one line
     try:
-        out = export(args.src, args.to, args.out, args.base_model)
+        out = export(args.src, args.to, args.out, args.base_model, args.which)
     except ConfigError as e:
         return _fail(str(e))
     except ImportError as e:  # an alias whose wheel is missing, or a missing extra

@@ -164,3 +164,24 @@ def test_fit_without_the_train_extra_names_it():
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "lightning" in lines[0] and "pip install 'msplora[train]'" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_run_without_best_adapter_says_why_and_exports_its_last_state(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "best_adapter")  # as a short fit that never validated leaves it
+    assert _status(["export", str(run), "--to", "peft", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "this fit ran none")
+    assert not (tmp_path / "out").exists()
+    assert _status(["export", str(run), "--from", "last", "--to", "peft", str(tmp_path / "out")]) == 0
+    model, _, _ = load_run(run, "last")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(model.classifier.weight, ckpt["model.classifier.weight"])  # the trained head, not a fresh one
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    x = {**inputs(), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(**x).logits
+        assert (auto(**x).logits - expected).abs().max() <= 1e-5 * expected.abs().max()
