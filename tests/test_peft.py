@@ -359,3 +359,22 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing():
     after = snapshot(pm)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.merged for m in pm.modules() if isinstance(m, MSPLoRAPeftLayer))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_peft_of_the_peft_door(name, tmp_path):
+    """A PeftModel (Conv1D, GQA, a head) exports to a LoRA folder equal to it, keys not nested."""
+    base = CASES[name][0]()
+    pm = peft_model(name, base)
+    randomize_adapter(pm.get_base_model())
+    perturb_peft_heads(pm)
+    pm.eval()
+    msplora.export_peft(pm, tmp_path / "lora")
+    assert not any(
+        k.startswith("base_model.model.base_model.") for k in load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    )
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    x = inputs()
+    with torch.no_grad():
+        want = logits(pm, x)
+        assert (logits(loaded, x) - want).abs().max() <= 1e-6 * want.abs().max()

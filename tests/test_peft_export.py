@@ -244,3 +244,19 @@ def test_trainer_checkpoint_exports_to_plain_lora_with_identical_logits(tmp_path
     # the Trainer's output folder itself: one line naming the checkpoint to pass
     assert _status(["export", str(tmp_path / "out"), "--to", "peft", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2").exists()
+
+
+def test_export_of_a_plain_lora_folder_or_nothing_is_one_line(tmp_path, capsys):
+    from peft import LoraConfig
+
+    get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(
+        tmp_path / "lora"
+    )
+    for src, needle in (
+        (tmp_path / "lora", "peft LORA adapter, not an MSPLoRA one"),
+        (tmp_path / "none", "is not a folder"),
+    ):
+        assert _status(["export", str(src), "--to", "merged", str(tmp_path / "out")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], lines
+    assert not (tmp_path / "out").exists()
