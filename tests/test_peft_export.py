@@ -12,7 +12,7 @@ import stat
 
 import pytest
 import torch
-from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftType, get_peft_model
+from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
@@ -260,3 +260,18 @@ def test_export_of_a_plain_lora_folder_or_nothing_is_one_line(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_all_linear_and_default_targets_round_trip_through_save_pretrained(tmp_path):
+    base = tiny_llama()
+    x = inputs()
+    for i, targets in enumerate(("all-linear", None)):
+        pm = get_peft_model(copy.deepcopy(base), MSPLoRAPeftConfig(target_modules=targets, task_type="CAUSAL_LM"))
+        randomize_adapter(pm.get_base_model())
+        pm.eval().save_pretrained(tmp_path / f"ad{i}")
+        saved = json.loads((tmp_path / f"ad{i}" / "adapter_config.json").read_text())
+        assert saved["peft_type"] == "MSPLORA" and saved["targets"] == saved["target_modules"]
+        assert saved["targets"] == ("all-linear" if targets else ["q_proj", "v_proj"])
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / f"ad{i}").eval()
+        with torch.no_grad():
+            assert torch.equal(logits(loaded, x), logits(pm, x))
