@@ -17,7 +17,6 @@ so ``AutoPeftModelFor*.from_pretrained(folder)`` finds and builds the base itsel
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from msplora.config import ConfigError
 from msplora.inject import _atomic_dir, _modules_to_save, get_bank, wrapped_layers
 
-__all__ = ["PUBLIC_NAMES", "export_peft", "public_model_name", "save_plain", "task_type_of"]
+__all__ = ["PUBLIC_NAMES", "export_peft", "lora_view", "public_model_name", "save_plain", "task_type_of"]
 
 # Embedded aliases (msplora.hf.MODEL_ALIASES) -> the public hub model they were made from.
 # smollm2 ships as a Q4_1 GGUF: its dequantised weights differ slightly from the hub's, so
@@ -107,23 +106,81 @@ def task_type_of(model: nn.Module) -> str | None:
     return None
 
 
-def _publish(d: Path) -> None:
-    """Make a finished folder readable by others as ``os.makedirs`` / ``open`` would with the
-    caller's umask (0755 / 0644 under the usual 022); ``mkdtemp`` makes 0700."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, _dirs, files in os.walk(d):
-        os.chmod(root, 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+def _peft_classes():
+    """peft's model and wrapper classes, or None where peft is not installed (then no model
+    can hold peft wrappers)."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    except ImportError:
+        return None
+    return PeftModel, BaseTunerLayer, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+
+def lora_view(
+    model: nn.Module,
+) -> tuple[nn.Module, list[tuple[str, nn.Module]], list[tuple[str, nn.Module]], str | None]:
+    """What a LoRA folder needs from a model with an MSPLoRA adapter, from either door, read
+    only: (the transformers model, [(module name as LoRA wraps it, core layer)], [(head name,
+    trained head module)], peft task type or None).
+
+    * ``msplora.inject`` / ``load_adapter``: the core layers and ``config.modules_to_save``.
+    * a ``PeftModel`` of ``MSPLoRAPeftConfig`` (or the model inside it): names without peft's
+      ``.base_layer`` level, the head as peft trains it (the active ``ModulesToSaveWrapper``
+      copy), the task type of the peft config.
+
+    Refuses (ConfigError, one line) what a LoRA folder would get wrong: another peft method,
+    peft wrappers it cannot carry, an adapter merged into the base weights."""
+    classes = _peft_classes()
+    task = None
+    if classes is not None and isinstance(model, classes[0]):
+        cfg = model.active_peft_config
+        kind = getattr(cfg.peft_type, "value", cfg.peft_type)  # PeftType member, or msplora's plain string
+        if kind != "MSPLORA":
+            raise ConfigError(
+                f"model: holds a peft {kind} adapter, not an MSPLoRA one. "
+                "Fix: save it with model.save_pretrained(dir), which is already a peft folder"
+            )
+        task = cfg.task_type
+        model = model.get_base_model()
+    bank = get_bank(model)
+    modules = dict(model.named_modules())
+    layers, heads = [], []
+    for name, layer in wrapped_layers(model):
+        parent, _, leaf = name.rpartition(".")
+        if classes is not None and leaf == "base_layer" and isinstance(modules.get(parent), classes[1]):
+            name = parent  # the peft door's view layer: LoRA wraps the module at its name
+        layers.append((name, layer))
+    if classes is not None:
+        for name, mod in modules.items():
+            if isinstance(mod, classes[3]):
+                active = [a for a in mod.active_adapters if a in mod.modules_to_save]
+                if active:
+                    heads.append((name, mod.modules_to_save[active[0]]))
+            elif isinstance(mod, classes[2]):
+                raise ConfigError(
+                    f"model: {name} is a peft {type(mod).__name__}, which a LoRA folder made here cannot carry. "
+                    "Fix: export a model without it"
+                )
+    heads += _modules_to_save(model, bank.config)
+    merged = [f"{layer.kind} at layer {layer.layer_id}" for _, layer in layers if layer.merged]
+    if merged:
+        raise ConfigError(
+            f"model: the adapter is merged into the base weights ({merged[0]}, ...), so a LoRA folder loaded on "
+            "the base would add it twice. Fix: unmerge first (msplora.unmerge(model) / model.unmerge_adapter())"
+        )
+    return model, layers, heads, task or task_type_of(model)
 
 
 @torch.no_grad()
 def export_peft(model: nn.Module, path: str | Path, base_model: str | None = None) -> Path:
-    """Write a ``peft`` LoRA adapter equal to this pyramid (see the module docstring).
+    """Write a ``peft`` LoRA adapter equal to this pyramid (see the module docstring), head included.
 
     Args:
-        model: a model with an MSPLoRA adapter (``msplora.inject`` / ``load_adapter``).
+        model: a model with an MSPLoRA adapter: ``msplora.inject`` / ``load_adapter``, or a
+            ``PeftModel`` built with ``MSPLoRAPeftConfig`` (``get_peft_model``, a Trainer's
+            model), or the transformers model inside it.
         path: the folder to write (replaced atomically: never half-written).
         base_model: name to record as ``base_model_name_or_path``; default: the model's
             ``name_or_path`` through :func:`public_model_name`.
@@ -131,9 +188,8 @@ def export_peft(model: nn.Module, path: str | Path, base_model: str | None = Non
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    bank = get_bank(model)
-    cfg = bank.config
-    layers = list(wrapped_layers(model))
+    model, layers, heads, task = lora_view(model)
+    cfg = get_bank(model).config
     fifo = {layer.fan_in_fan_out for _, layer in layers}
     if len(fifo) > 1:
         raise ConfigError(
@@ -148,10 +204,10 @@ def export_peft(model: nn.Module, path: str | Path, base_model: str | None = Non
         target_modules=cfg.targets if isinstance(cfg.targets, str) else sorted(cfg.targets),
         lora_dropout=cfg.dropout,
         fan_in_fan_out=fifo.pop(),
-        modules_to_save=list(cfg.modules_to_save) or None,
+        modules_to_save=sorted({h for h, _ in heads}) or None,
         bias="none",
         base_model_name_or_path=name,
-        task_type=task_type_of(model),
+        task_type=task,
     )
     state = {}
     for mname, layer in layers:
@@ -160,14 +216,13 @@ def export_peft(model: nn.Module, path: str | Path, base_model: str | None = Non
         b = b * scale  # s_k folded in
         state[f"base_model.model.{mname}.lora_A.weight"] = a.float().cpu().contiguous()
         state[f"base_model.model.{mname}.lora_B.weight"] = b.float().cpu().contiguous()
-    for mname, mod in _modules_to_save(model, cfg):
+    for mname, mod in heads:
         for pname, p in mod.named_parameters():
             state[f"base_model.model.{mname}.{pname}"] = p.detach().cpu().contiguous()
 
     def write(d: Path) -> None:
         lora.save_pretrained(str(d))
         save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        _publish(d)
 
     _atomic_dir(Path(path), write)
     return Path(path)
@@ -185,7 +240,6 @@ def save_plain(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
         model.save_pretrained(str(d))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))
-        _publish(d)
 
     _atomic_dir(Path(path), write)
     return Path(path)

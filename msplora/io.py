@@ -101,8 +101,12 @@ def atomic_dir(
     ``tmp`` is a fresh folder beside ``final`` (one file system, so the rename is atomic). An
     exception in the block removes ``tmp`` and leaves ``final`` as it was.
 
+    On success the folder and everything in it get the modes ``os.makedirs`` / ``open`` give
+    (0755 / 0644 under the usual umask 022), as a folder written in place would: ``mkdtemp``
+    makes 0700, and some writers (safetensors) 0600 (:func:`publish_tree`).
+
     Args:
-        mode: permissions of ``tmp`` (``mkdtemp`` makes 0700); None leaves them.
+        mode: permissions of ``tmp`` while it is filled (``mkdtemp`` makes 0700); None leaves them.
         keep: None: an existing ``final`` is replaced (moved aside as ``.<name>.old``, the new
             folder renamed in, the old one removed). A test instead: an existing ``final`` that
             passes it is kept and ``tmp`` discarded (another process finished the same build
@@ -116,6 +120,7 @@ def atomic_dir(
         if mode is not None:
             os.chmod(tmp, mode)
         yield tmp
+        publish_tree(tmp)
         if keep is None:
             _swap_in(tmp, final)
         elif not keep(final):
@@ -129,6 +134,17 @@ def atomic_dir(
     finally:
         if tmp.exists():  # an error, or a race lost to a finished `final`
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_tree(folder: str | Path) -> None:
+    """Give ``folder`` and everything under it the modes ``os.makedirs`` / ``open`` would: 0777 /
+    0666 less the umask (read now: a caller may have set it since :func:`_umask` cached it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:

@@ -62,11 +62,16 @@ def test_merge_unmerge(model_name, variant):
         merged_twice = logits(model, x)
         msplora.unmerge(model)
         msplora.unmerge(model)
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    # W + dW rounded once vs W x + B(A x): float rounding, measured against the logits' scale.
+    # An element-wise atol of 1e-5 sat at 0.74 of its budget on GPT-2 (whose logits are small
+    # beside its hidden states); here the worst case (GPT-2, no_global) uses 0.19 of it, and
+    # the adapter's effect is > 2,500 times it, so a merge off by 1 % of the delta still fails.
+    tol = 1e-4 * unmerged.abs().max()
+    assert (merged - unmerged).abs().max() <= tol
     assert torch.equal(merged, merged_twice)
     for n, m in msplora.wrapped_layers(model):
         torch.testing.assert_close(m.base_layer.weight, weights[n], atol=1e-6, rtol=0)
-    assert not torch.equal(unmerged, logits(build(model_name, variant)[0], x).detach())
+    assert (unmerged - logits(build(model_name, variant)[0], x).detach()).abs().max() > 100 * tol
 
 
 @pytest.mark.parametrize("model_name,variant", CASES)

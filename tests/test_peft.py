@@ -102,8 +102,35 @@ def test_get_peft_model_equals_inject(name):
     assert sum(isinstance(m, MSPLoRAPeftLayer) for m in pm.modules()) == len(list(msplora.wrapped_layers(core)))
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_peft_door_with_dropout_in_train_mode_equals_inject(name):
+    """Same base, same A/B, same seed: the peft door draws the same masks as inject(dropout=p)
+    (base dropout included), so train-mode outputs are bit-identical; another seed differs."""
+    p = 0.3
+    base = CASES[name][0]()
+    core = injected(name, base, dropout=p)
+    randomize_adapter(core)
+    pm = peft_model(name, base, dropout=p)
+    copy_bank(core, pm)
+    with torch.no_grad():
+        for n, prm in pm.named_parameters():  # the head copy peft trains = the core's head
+            if ".modules_to_save." in n:
+                prm.copy_(core.get_parameter(n.split("base_model.model.")[1].replace(".modules_to_save.default", "")))
+    core.train()
+    pm.train()
+    x = inputs()
+    outs = []
+    with torch.no_grad():
+        for m, seed in ((core, 0), (pm, 0), (pm, 1)):
+            torch.manual_seed(seed)
+            outs.append(logits(m, x))
+    assert torch.equal(outs[1], outs[0])
+    assert not torch.allclose(outs[2], outs[0], atol=1e-3)
+
+
 def test_config_has_the_core_fields_and_defaults(tmp_path):
-    assert MSPLoRAPeftConfig().to_msplora().to_dict() == MSPLoRAConfig().to_dict()
+    # every core default but targets (None: the architecture's q/v, resolved on the model)
+    assert MSPLoRAPeftConfig(targets=["query", "value"]).to_msplora().to_dict() == MSPLoRAConfig().to_dict()
     cfg = MSPLoRAPeftConfig(targets=["q_proj"], r0=16, decay=0.25, dropout=0.1, task_type="CAUSAL_LM")
     assert [lv.rank for lv in cfg.levels] == [16, 4, 1] and cfg.r0 is None
     cfg.save_pretrained(tmp_path)
@@ -332,3 +359,22 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing():
     after = snapshot(pm)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.merged for m in pm.modules() if isinstance(m, MSPLoRAPeftLayer))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_peft_of_the_peft_door(name, tmp_path):
+    """A PeftModel (Conv1D, GQA, a head) exports to a LoRA folder equal to it, keys not nested."""
+    base = CASES[name][0]()
+    pm = peft_model(name, base)
+    randomize_adapter(pm.get_base_model())
+    perturb_peft_heads(pm)
+    pm.eval()
+    msplora.export_peft(pm, tmp_path / "lora")
+    assert not any(
+        k.startswith("base_model.model.base_model.") for k in load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    )
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    x = inputs()
+    with torch.no_grad():
+        want = logits(pm, x)
+        assert (logits(loaded, x) - want).abs().max() <= 1e-6 * want.abs().max()

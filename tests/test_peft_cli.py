@@ -100,9 +100,9 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(broken_run, tmp_path, ca
     out = tmp_path / "out"
     cases = [
         ([str(tmp_path / "nope"), "--to", "peft", str(out)], "is not a folder"),
-        ([str(tmp_path), "--to", "peft", str(out)], "holds no best_adapter/"),
+        ([str(tmp_path), "--to", "peft", str(out)], "holds no adapter"),
         ([str(broken_run), "--to", "onnx", str(out)], "invalid choice"),
-        ([str(broken_run), "--to", "merged", str(out)], "cannot load the run's model"),
+        ([str(broken_run), "--to", "merged", str(out)], "cannot load the source's model"),
         ([str(broken_run), "--to", "peft"], "required"),
     ]
     for args, needle in cases:
@@ -121,5 +121,67 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(broken_run, tmp_path, ca
 def test_command_line_exit_status_and_stderr(broken_run, tmp_path):
     proc = run_cli(str(broken_run), "--to", "peft", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stdout == ""
-    assert_one_line_error(proc.stderr, "cannot load the run's model")
+    assert_one_line_error(proc.stderr, "cannot load the source's model")
     assert not (tmp_path / "out").exists()
+
+
+# -- the command boundary: --version, missing extras --------------------------------------------
+def test_version(capsys):
+    import msplora as m
+
+    assert msplora_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"msplora {m.__version__}"
+
+
+def test_extras_table_matches_pyproject():
+    import re
+
+    import tomllib
+
+    from msplora.__main__ import EXTRAS
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    dist = {"sklearn": "scikit-learn", "optuna_integration": "optuna-integration"}
+    for module, extra in EXTRAS.items():
+        names = {re.split(r"[\[<>=;! ]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+        assert dist.get(module, module) in names, (module, extra)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_fit_without_the_train_extra_names_it():
+    code = (
+        "import sys; sys.modules['lightning'] = None\n"  # as if [train] were not installed
+        "from msplora.__main__ import main; sys.exit(main(['fit', '--help']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "lightning" in lines[0] and "pip install 'msplora[train]'" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_run_without_best_adapter_says_why_and_exports_its_last_state(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "best_adapter")  # as a short fit that never validated leaves it
+    assert _status(["export", str(run), "--to", "peft", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "this fit ran none")
+    assert not (tmp_path / "out").exists()
+    assert _status(["export", str(run), "--from", "last", "--to", "peft", str(tmp_path / "out")]) == 0
+    model, _, _ = load_run(run, "last")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(model.classifier.weight, ckpt["model.classifier.weight"])  # the trained head, not a fresh one
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    x = {**inputs(), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(**x).logits
+        assert (auto(**x).logits - expected).abs().max() <= 1e-5 * expected.abs().max()

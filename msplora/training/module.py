@@ -289,22 +289,11 @@ class MSPLoRAModule(L.LightningModule):
         Linear warmup, then linear decay to 0."""
         from transformers import get_linear_schedule_with_warmup
 
-        from msplora.layers import PREFIX, scale_level_steps
+        from msplora.optim import create_optimizer
 
         hp = self.hparams
-        bank = msplora.get_bank(self.model)
-        ratio_b = bank.config.lr_ratio_B
-        groups: dict[tuple[float, float], list] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            lr = hp.lr if PREFIX in name or hp.head_lr is None else hp.head_lr
-            if PREFIX in name and name.endswith(".B") and ratio_b != 1:
-                lr = lr * ratio_b
-            wd = hp.weight_decay if p.ndim >= 2 else 0.0
-            groups.setdefault((lr, wd), []).append(p)
-        opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
-        scale_level_steps(opt, bank)  # no hooks when every level trains at lr
+        # the parameter groups (order, lrs, weight decays) and hooks of msplora.optim, public for Trainer users
+        opt = create_optimizer(self, lr=hp.lr, head_lr=hp.head_lr, weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 10_000
         sched = get_linear_schedule_with_warmup(opt, int(hp.warmup_ratio * total), total)
