@@ -6,6 +6,8 @@ Variants of one training step (forward + backward + AdamW step, batch 16 x 128, 
   peft_lora  peft LoRA r=8 on query/value
   fused      MSPLoRA 8/4/2 (3 groups), one gather + two matmuls per wrapped layer
   separate   the same pyramid, but one down/up matmul pair per level (three branches)
+  compiled   ``fused`` under torch.compile (inductor), as ``--model.compile=true`` trains
+             (``--no-compile`` leaves it out; compiling takes a minute or two on a small CPU)
 Inference (no grad): base, MSPLoRA merged, MSPLoRA unmerged.
 
 Rounds run the variants in turn (a few steps each) so drift and noise hit all alike; the
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="time the compiled variant")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base, builders = _builders()
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         return step
 
     train = {name: train_step_fn(build()) for name, build in builders.items()}
+    if args.compile:
+        compiled = builders["fused"]()
+        compiled.compile()  # in place, as MSPLoRAModule does for model.compile
+        train["compiled"] = train_step_fn(compiled)
 
     merged = builders["fused"]()
     unmerged = builders["fused"]()
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:10s} {med[name] * 1000:8.1f} ms  ({med[name] / med['base']:.3f}x base)")
     print(f"separate/fused: {med['separate'] / med['fused']:.2f}")
     print(f"merged/base: {med['merged'] / med['base']:.3f}")
+    if "compiled" in med:
+        print(f"compiled/fused (inductor vs eager): {med['compiled'] / med['fused']:.2f}")
     print(f"fused/peft_lora: {med['fused'] / med['peft_lora']:.2f}")
 
 

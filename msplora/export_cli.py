@@ -144,10 +144,12 @@ def find_adapter(run_dir: Path) -> Path:
 
 def run_model(run_dir: Path, adapter: Path) -> RunModel:
     """The model of a run, from its metrics.json and config.yaml (the names the user gave)."""
-    metrics = _read_json(run_dir / "metrics.json")
+    from msplora.training.record import RunRecord  # the typed metrics.json (no torch, no Lightning)
+
+    metrics = RunRecord.from_dict(_read_json(run_dir / "metrics.json"))
     hp = _read_yaml(run_dir / "config.yaml").get("model") or {}
     hp = hp.get("init_args", hp)  # a class_path / init_args form
-    name = metrics.get("model") or hp.get("model")
+    name = metrics.model or hp.get("model")
     if not name:
         saved = _read_json(adapter / "adapter_config.json").get("base_model")
         raise ExportError(
@@ -156,7 +158,7 @@ def run_model(run_dir: Path, adapter: Path) -> RunModel:
         )
     problem, num_labels = hp.get("problem"), hp.get("num_labels")
     if problem is None:
-        task = metrics.get("task")
+        task = metrics.task
         data = _read_yaml(run_dir / "config.yaml").get("data") or {}
         task = task or (data.get("init_args") or {}).get("task")
         from msplora.training.data import TASKS

@@ -41,7 +41,7 @@ RUN_DIR = re.compile(r"version_(\d+)")
 
 # Module settings that a resumed fit takes from its command line although the checkpoint holds
 # state made under the old value: they change how the rest is computed, not what was restored.
-HONOURED_ON_RESUME = {"dtype", "gradient_checkpointing", "warmup_ratio"}
+HONOURED_ON_RESUME = {"dtype", "gradient_checkpointing", "warmup_ratio", "compile", "compile_bucket"}
 # DataModule settings that fix which sample is the k-th of an epoch: a resumed loader's position
 # means something else under another value.
 DATA_ORDER = ("task", "data", "data_dir", "batch_size", "max_train_samples", "val_fraction", "seed")

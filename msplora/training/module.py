@@ -68,6 +68,8 @@ class MSPLoRAModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         train_adapter: bool = True,
         quantize: Literal["nf4", "fp4", "int8"] | None = None,
+        compile: bool | str = False,
+        compile_bucket: int = 32,
     ) -> None:
         """Fine-tune a frozen transformer with an MSPLoRA adapter.
 
@@ -91,6 +93,10 @@ class MSPLoRAModule(L.LightningModule):
                 ``fp4`` (4-bit, computing in ``dtype``) or ``int8`` (LLM.int8); the task head and
                 ``pyramid.modules_to_save`` stay unquantized. The adapter trains in fp32 beside
                 the quantized weights. None = no quantization. Needs ``pip install 'msplora[quant]'``.
+            compile: ``torch.compile`` the model's forward (True: inductor; or a backend name such as
+                ``aot_eager``). Off by default; numbers equal eager up to float noise.
+            compile_bucket: with ``compile``, batches are right-padded (masked) to a multiple of this
+                many tokens, so dynamic padding gives a few shapes instead of a recompile per length.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pyramid"])
@@ -179,6 +185,14 @@ class MSPLoRAModule(L.LightningModule):
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if hp.get("compile"):
+            if hp.compile_bucket < 1:
+                raise msplora.ConfigError(
+                    f"model.compile_bucket: {hp.compile_bucket} is not a token count. Fix: use e.g. 32 (1: no bucketing)"
+                )
+            # In place (nn.Module.compile): the module stays itself, so the bank, save_adapter and the
+            # checkpoint hooks see the same object; only its call goes through the compiled forward.
+            model.compile(backend="inductor" if hp.compile is True else hp.compile)
         if self.spec is not None:
             from msplora.training.metrics import build_metrics
 
@@ -220,7 +234,25 @@ class MSPLoRAModule(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
+        if self.hparams.get("compile"):
+            batch = self._bucketed(batch)
         return self.model(**batch)
+
+    def _bucketed(self, batch: dict) -> dict:
+        """Right-pad every (batch, length) tensor to a multiple of ``compile_bucket`` tokens: pad ids
+        in ``input_ids``, 0 in the attention mask (so the pads are ignored), -100 in LM labels."""
+        m = self.hparams.compile_bucket
+        length = batch["input_ids"].shape[1]
+        pad = -length % m
+        if pad == 0:
+            return batch
+        fill = {"input_ids": self.model.config.pad_token_id or 0, "labels": -100}
+        return {
+            k: nn.functional.pad(v, (0, pad), value=fill.get(k, 0))
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == length
+            else v
+            for k, v in batch.items()
+        }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
