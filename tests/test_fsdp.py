@@ -267,3 +267,62 @@ def test_fsdp_is_the_package_strategy_on_a_gpu_and_other_strategies_pass_through
 
     assert resolve_strategy("ddp", "cpu") == "ddp"
     assert resolve_strategy("fsdp", "gpu") == "msplora_fsdp"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 6-layer random LLaMA (tied embeddings, GQA) with SmolLM2's tokenizer, as a local folder."""
+    from msplora import hf
+    from tests.tiny import tiny_llama
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MSPLORA_CACHE", str(tmp_path_factory.mktemp("msplora_cache")))  # never touch the user cache
+        try:
+            tok = hf.load_tokenizer("smollm2")
+        except hf.MissingModelPackageError as e:
+            pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama(
+        vocab_size=len(tok),
+        num_hidden_layers=6,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    ).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_70b_fsdp_recipe_fits_a_tiny_llama_on_two_ranks(tmp_path, tiny_llama_dir):
+    """The 70B recipe as shipped (bf16-mixed, bf16 base, param_dtype bf16, activation checkpointing,
+    base.yaml's callbacks), on a tiny LLaMA and 2 CPU ranks for 2 steps: the causal-LM path under
+    FSDP (tied embeddings and lm_head in the root unit) trains the fp32 bank on both ranks alike."""
+    data = tmp_path / "alpaca.jsonl"
+    records = [{"instruction": f"Name item {i}.", "input": "", "output": "Blue."} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = tmp_path / "run"
+    root.mkdir()
+    configs = ("base.yaml", "llama2_7b_alpaca.yaml", "llama2_70b_alpaca_fsdp.yaml")
+    args = [a for name in configs for a in ("--config", str(CONFIGS / name))]
+    args += [
+        f"--model.model={tiny_llama_dir}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.max_steps=2",
+        "--trainer.accumulate_grad_batches=1",
+        "--trainer.enable_progress_bar=false",
+        f"--data.init_args.data={data}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.cutoff_len=64",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.eval_batch_size=4",
+    ]
+    state = run_ranks(tmp_path, ["fit", *args], root)
+    assert sorted(state) == [f"model.msplora_bank.kinds.{k}.{t}" for k in ("q_proj", "v_proj") for t in "AB"]
+    assert all(v.dtype == torch.float32 for v in state.values())  # the bank is never cast
+    assert all(state[f"model.msplora_bank.kinds.{k}.B"].abs().sum() > 0 for k in ("q_proj", "v_proj"))
+    config = (root / "version_0" / "config.yaml").read_text()
+    assert "PyramidFSDPStrategy" in config and "gradient_checkpointing: true" in config

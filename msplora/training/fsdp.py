@@ -88,14 +88,26 @@ class PyramidFSDPStrategy(ModelParallelStrategy):
         param_dtype: compute dtype of the blocks' gathered weights (``bfloat16``); None = as stored.
         reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3);
             False keeps them until backward (ZeRO-2-like: faster, more memory).
+        process_group_backend: None = NCCL on GPUs, gloo on CPU.
     """
 
     strategy_name = STRATEGY_NAME
 
-    def __init__(self, param_dtype: str | None = None, reshard_after_forward: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("tensor_parallel_size", 1)
-        kwargs.setdefault("save_distributed_checkpoint", False)  # one file, trainable tensors only
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        param_dtype: str | None = None,
+        reshard_after_forward: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        # Pure data parallelism (no tensor-parallel dimension) and one checkpoint file holding the
+        # trainable tensors only; the signature is explicit so that a YAML `init_args` cannot
+        # bring back ModelParallelStrategy's own defaults for these.
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=False,
+            process_group_backend=process_group_backend,
+        )
         self.param_dtype = param_dtype
         self.reshard_after_forward = reshard_after_forward
 
