@@ -18,7 +18,8 @@ projections' inputs counted twice.
 Host memory: each rank reads the whole base in its storage dtype before sharding, so a node needs
 (ranks on it) x (base size) of RAM: the loader is not yet meta-device (a limit, README: FSDP).
 
-``python -m msplora.memory --config configs/base.yaml --config configs/<recipe>.yaml`` prints it.
+``python -m msplora.memory --config configs/base.yaml --config configs/<recipe>.yaml`` prints it
+(LLaMA-family causal LMs: the shapes and projections above).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def estimate_fit(cli) -> Estimate:
         strategy="fsdp" if fsdp else "ddp",
         devices=trainer.num_devices,
         micro_batch=dm.batch_size,
-        seq_len=dm.cutoff_len,
+        seq_len=getattr(dm, "cutoff_len", None) or dm.hparams.get("max_length") or 512,
         gradient_checkpointing=bool(hp.gradient_checkpointing),
         base_dtype=hp.dtype,
         quantize=hp.get("quantize"),
@@ -218,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cli = cli_main([*argv, "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False, exit_on_error=False)
-    est = estimate_fit(cli)
+    try:
+        est = estimate_fit(cli)
+    except (ValueError, AttributeError) as e:  # not a LLaMA-family model: say so in one line
+        print(
+            f"msplora.memory: {e}. Fix: estimate LLaMA-family causal LMs (q/k/v/o/gate/up/down_proj)", file=sys.stderr
+        )
+        return 2
     print(est.table())
     print(f"memory per device: {est.gib} GiB")
     return 0

@@ -12,6 +12,7 @@ import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -228,16 +229,18 @@ def test_blocks_are_found_from_the_model_and_the_bank_stays_in_the_root(tiny_ber
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     msplora.inject(model, msplora.MSPLoRAConfig(targets=["query", "value"], modules_to_save=["classifier"]))
     assert {c.__name__ for c in fsdp.block_classes(model)} == {"BertLayer"}
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    with socket.socket() as s:  # a free port; nothing set in os.environ (later subprocess tests inherit it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         fsdp.shard(model)
         blocks = fsdp.transformer_blocks(model)
         assert len(blocks) == 4 and all(isinstance(b, FSDPModule) for b in blocks)
         assert isinstance(model, FSDPModule) and fsdp.is_sharded(model)
         bank = msplora.get_bank(model)
-        assert all(not any(True for _ in b.parameters() if _ is bank.kinds["query"].A) for b in blocks)
+        assert not any("msplora_bank" in n for b in blocks for n, _ in b.named_parameters())  # references only
+        assert hasattr(bank.kinds["query"].A, "full_tensor")  # sharded, so by the root unit
         with fsdp.unsharded(model):
             assert not hasattr(bank.kinds["query"].A, "full_tensor")  # a plain tensor while gathered
             assert bank.kinds["query"].A.dtype == torch.float32
