@@ -204,7 +204,7 @@ def estimate_fit(cli) -> Estimate:
         list(pyramid.targets),
         strategy="fsdp" if fsdp else "ddp",
         devices=trainer.num_devices,
-        micro_batch=dm.batch_size,
+        micro_batch=getattr(dm, "batch_size", None) or dm.hparams.get("batch_size") or 1,
         seq_len=getattr(dm, "cutoff_len", None) or dm.hparams.get("max_length") or 512,
         gradient_checkpointing=bool(hp.gradient_checkpointing),
         base_dtype=hp.dtype,

@@ -90,3 +90,16 @@ def test_recipe_parses_and_its_written_memory_is_the_computed_one(recipe):
         from msplora.training.fsdp import PyramidFSDPStrategy
 
         assert isinstance(t.strategy, PyramidFSDPStrategy) and cli.model.hparams.gradient_checkpointing
+
+
+def test_memory_command_prints_a_recipes_figure_and_refuses_a_non_llama_fit_in_one_line(capsys):
+    from msplora.memory import main
+
+    recipe = RECIPES["llama2_70b_alpaca_fsdp.yaml"]
+    assert main([a for name in recipe for a in ("--config", str(CONFIGS / name))]) == 0
+    out = capsys.readouterr().out
+    assert "gathered units" in out and out.strip().splitlines()[-1] == "memory per device: 23.3 GiB"
+    assert main(["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "demo.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("msplora.memory: targets: ['query', 'value'] are not LLaMA projections")
+    assert "Fix:" in err[-1]
