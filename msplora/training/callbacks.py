@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import msplora
 from msplora.io import atomic_write, read_json, write_json_atomic
+from msplora.sharding import unsharded
 from msplora.training.record import RunRecord
 
 
@@ -57,12 +58,13 @@ class BestAdapter(L.Callback):
         if _better(value, self.best, self.mode):
             self.best, self.best_epoch = value, trainer.current_epoch
             self.best_predictions = dict(getattr(pl_module, "eval_predictions", {}).get("val", {})) or None
-            if trainer.is_global_zero:
-                msplora.save_adapter(
-                    pl_module.model,
-                    self.root / self.dirname,
-                    metadata={"epoch": trainer.current_epoch, self.monitor: value},
-                )
+            with unsharded(pl_module.model):  # FSDP: whole bank and head tensors (a collective)
+                if trainer.is_global_zero:
+                    msplora.save_adapter(
+                        pl_module.model,
+                        self.root / self.dirname,
+                        metadata={"epoch": trainer.current_epoch, self.monitor: value},
+                    )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "best_predictions": self.best_predictions}

@@ -35,6 +35,7 @@ from msplora.errors import UsageError, explain_parse_error
 from msplora.hf import resolve_model
 from msplora.io import CKPT_PATH_KEYWORDS, check_checkpoint_file
 from msplora.training.callbacks import LastCheckpoint, RunStatus, progress_bar
+from msplora.training.fsdp import resolve_strategy  # also registers the msplora_fsdp strategy
 from msplora.training.module import MSPLoRAModule, pyramid_label
 
 RUN_DIR = re.compile(r"version_(\d+)")
@@ -244,6 +245,8 @@ class MSPLoRACLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_cfg = cfg["trainer"]
+        # `fsdp` is this package's FSDP2 strategy on a GPU; on a CPU, a refusal naming msplora_fsdp.
+        trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy"), trainer_cfg.get("accelerator"))
         callbacks = list(trainer_cfg.get("callbacks") or [])
         # The progress bar is a setting: --trainer.enable_progress_bar=false turns it off.
         if trainer_cfg.get("enable_progress_bar") is not False and not any(
