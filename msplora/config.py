@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msplora.errors import ConfigError
 from msplora.pyramid import LR_RULES, SCALE_RULES, SHARES, budget_rank, level_scale, rank_schedule
-
-
-class ConfigError(ValueError):
-    """A pyramid config that is invalid or does not fit the model; the message says how to fix it."""
 
 
 def _fail(field_name: str, problem: str, fix: str) -> None:
@@ -299,7 +296,7 @@ class MSPLoRAConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file. Fix: check the path")
         if path.suffix == ".json":
-            from msplora.io import read_json  # io imports this module
+            from msplora.io import read_json
 
             return cls.from_dict(read_json(path, "pyramid config", fix="correct the JSON at that place"))
         import yaml

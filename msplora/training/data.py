@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from msplora.errors import DataError
 from msplora.hf import check_model_name
 from msplora.io import parse_jsonl, read_jsonl, read_text, wheel_dir
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
@@ -39,10 +40,6 @@ __all__ = ["TASKS", "DataError", "GLUEDataModule", "TaskSpec", "get_task", "hold
 
 HUB_NAME = "nyu-mll/glue"
 FILE_SUFFIXES = ("tsv", "csv", "jsonl", "json", "parquet")
-
-
-class DataError(ValueError):
-    """Data cannot be loaded as asked; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
