@@ -174,7 +174,7 @@ def test_invalid_json_line_and_missing_file(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
         I.load_conversations(str(path))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match=r"nope.json does not exist. Fix: check the path"):
         I.load_conversations(str(tmp_path / "nope.json"))
 
 
