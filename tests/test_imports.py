@@ -23,6 +23,7 @@ FLOORS: dict[str, int] = {
     "msplora.errors": CORE,
     "msplora.io": CORE,
     "msplora.config": CORE,
+    "msplora.resources": CORE,
     "msplora.pyramid": CORE,
     "msplora.hf": CORE,
     "msplora.layers": CORE,
