@@ -5,7 +5,7 @@
 s_k follows ``scale_rule`` (alpha / r by default; alpha / sqrt(r); alpha). Training-only
 options live here too, so an ablation overlay or a search trial is one config: per-level
 learning-rate multipliers (``lr_scale``, ``lr_rule``) and B's LR ratio (``lr_ratio_B``); see
-docs/scaling.md.
+the README, "Scaling and learning rates per level".
 
 Every check that needs no model lives in ``__post_init__``; checks that need the
 model (layer count, target names) run in :func:`msplora.inject`.
@@ -307,7 +307,7 @@ class MSPLoRAConfig:
         return sum(lv.rank for lv in self.levels)
 
 
-# The options added by issue 15 and their defaults (left out of to_dict when at them).
+# The scaling and learning-rate options and their defaults (left out of to_dict when at them).
 _OPTION_DEFAULTS = {"scale_rule": "lora", "lr_rule": "none", "lr_ratio_B": 1.0, "budget_of": None}
 
 
