@@ -5,7 +5,7 @@
 s_k follows ``scale_rule`` (alpha / r by default; alpha / sqrt(r); alpha). Training-only
 options live here too, so an ablation overlay or a search trial is one config: per-level
 learning-rate multipliers (``lr_scale``, ``lr_rule``) and B's LR ratio (``lr_ratio_B``); see
-docs/scaling.md.
+the README, "Scaling and learning rates per level".
 
 Every check that needs no model lives in ``__post_init__``; checks that need the
 model (layer count, target names) run in :func:`msplora.inject`.
@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msplora.pyramid import LR_RULES, SCALE_RULES, SHARES, budget_rank, level_scale, rank_schedule
-
-
-class ConfigError(ValueError):
-    """A pyramid config that is invalid or does not fit the model; the message says how to fix it."""
+from msplora.errors import ConfigError
+from msplora.pyramid import LR_RULES, SCALE_RULES, SHARE_SCHEMES, budget_rank, level_scale, rank_schedule
 
 
 def _fail(field_name: str, problem: str, fix: str) -> None:
@@ -66,9 +63,6 @@ class Level:
     def scale(self) -> float:
         """s_k: alpha / rank, alpha / sqrt(rank) or alpha, by ``scale_rule``."""
         return level_scale(self.scale_rule or "lora", self.alpha, self.rank)
-
-
-_DEFAULT_NAMES = {"global": "global", "group": "mid", "layer": "layer"}
 
 
 def paper_levels() -> list[Level]:
@@ -191,23 +185,24 @@ class MSPLoRAConfig:
     def _validate_levels(key: str, levels: list[Level]) -> None:
         for i, lv in enumerate(levels):
             where = f"{key}[{i}]"
-            if lv.share not in SHARES:
-                _fail(f"{where}.share", f"unknown scheme {lv.share!r}", f"use one of {', '.join(SHARES)}")
+            if not isinstance(lv.share, str) or lv.share not in SHARE_SCHEMES:
+                _fail(f"{where}.share", f"unknown scheme {lv.share!r}", f"use one of {', '.join(SHARE_SCHEMES)}")
             if isinstance(lv.rank, bool) or not isinstance(lv.rank, int):
                 _fail(f"{where}.rank", f"{lv.rank!r} is not an integer", "use a whole number >= 1")
             if lv.rank < 1:
                 _fail(f"{where}.rank", f"rank {lv.rank} < 1", "use a rank >= 1, or drop the level")
             if not lv.alpha > 0:
                 _fail(f"{where}.alpha", f"alpha {lv.alpha} <= 0", "use a positive alpha such as 16")
-            if lv.share == "group":
+            if SHARE_SCHEMES[lv.share].grouped:
                 if (lv.groups is None) == (lv.group_size is None):
-                    _fail(where, "a group level needs exactly one of groups / group_size", "set e.g. groups: 3")
+                    _fail(where, f"a {lv.share} level needs exactly one of groups / group_size", "set e.g. groups: 3")
                 if lv.groups is not None and lv.groups < 1:
                     _fail(f"{where}.groups", f"groups {lv.groups} < 1", "use at least 1 group")
                 if lv.group_size is not None and lv.group_size < 1:
                     _fail(f"{where}.group_size", f"group_size {lv.group_size} < 1", "use at least 1 layer per group")
             elif lv.groups is not None or lv.group_size is not None:
-                _fail(where, f"groups/group_size given for share={lv.share}", "set share: group, or drop them")
+                grouped = " or ".join(s.name for s in SHARE_SCHEMES.values() if s.grouped)
+                _fail(where, f"groups/group_size given for share={lv.share}", f"set share: {grouped}, or drop them")
             if lv.scale_rule is not None and lv.scale_rule not in SCALE_RULES:
                 _fail(
                     f"{where}.scale_rule",
@@ -216,11 +211,12 @@ class MSPLoRAConfig:
                 )
             if not _positive(lv.lr_scale):
                 _fail(f"{where}.lr_scale", f"{lv.lr_scale!r} is not a positive number", "use e.g. 1 (the adapter's LR)")
-        if sum(lv.share == "global" for lv in levels) > 1:
-            _fail(key, "more than one global level", "a global level covers every layer once; keep one")
+        for scheme in SHARE_SCHEMES.values():
+            if scheme.only_one and sum(lv.share == scheme.name for lv in levels) > 1:
+                _fail(key, f"more than one {scheme.name} level", scheme.only_one)
 
     def _name_levels(self) -> None:
-        defaults = [lv.name or _DEFAULT_NAMES[lv.share] for lv in self.levels]
+        defaults = [lv.name or SHARE_SCHEMES[lv.share].level_name for lv in self.levels]
         for i, lv in enumerate(self.levels):
             if lv.name is None:
                 lv.name = defaults[i] if defaults.count(defaults[i]) == 1 else f"{defaults[i]}{i}"
@@ -299,7 +295,7 @@ class MSPLoRAConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file. Fix: check the path")
         if path.suffix == ".json":
-            from msplora.io import read_json  # io imports this module
+            from msplora.io import read_json
 
             return cls.from_dict(read_json(path, "pyramid config", fix="correct the JSON at that place"))
         import yaml
@@ -311,7 +307,7 @@ class MSPLoRAConfig:
         return sum(lv.rank for lv in self.levels)
 
 
-# The options added by issue 15 and their defaults (left out of to_dict when at them).
+# The scaling and learning-rate options and their defaults (left out of to_dict when at them).
 _OPTION_DEFAULTS = {"scale_rule": "lora", "lr_rule": "none", "lr_ratio_B": 1.0, "budget_of": None}
 
 

@@ -2,7 +2,7 @@
 
     msplora <command>: <problem>. Fix: <what to do>
 
-    command function ──raises──> UserError / ConfigError / DataError / a "... Fix: ..." message
+    command function ──raises──> UserError (ConfigError, DataError, ...) / a "... Fix: ..." message
           │                       jsonargparse's ArgumentError (explained: key, valid keys)
           ▼                       SystemExit("message") of older entry points
     run_command (the one boundary) ──> the line above, exit 2     (--debug / MSPLORA_DEBUG=1: traceback)
@@ -10,9 +10,10 @@
                                    └─> any other exception: a traceback (it is our bug)
 
 An error is the user's when the user can fix it: config, data, model path, checkpoint, adapter
-file, command-line arguments. Library code raises a class below (or ``ConfigError`` /
-``DataError``, or any exception whose message has the house shape ``problem. Fix: ...``);
-it never prints. Only this module turns them into lines and exit codes.
+file, command-line arguments. Library code raises a class below (every one a :class:`UserError`,
+also re-exported where it is used: ``msplora.ConfigError``, ``msplora.training.data.DataError``),
+or any exception whose message has the house shape ``problem. Fix: ...``; it never prints. Only
+this module turns them into lines and exit codes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 __all__ = [
     "ArgumentParser",
     "CheckpointError",
+    "ConfigError",
+    "DataError",
     "ModelPathError",
     "UsageError",
     "UserError",
@@ -51,6 +54,17 @@ class UsageError(UserError):
     """Bad command-line arguments (unknown option, wrong type, missing value)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A pyramid or run config that is invalid or does not fit the model; the message says how to
+    fix it. A ``ValueError`` too, as a dataclass's ``__post_init__`` check is one. Re-exported as
+    ``msplora.ConfigError`` and ``msplora.config.ConfigError``."""
+
+
+class DataError(UserError, ValueError):
+    """Data cannot be loaded as asked; the message names the problem and the fix. Re-exported as
+    ``msplora.training.data.DataError``."""
+
+
 class CheckpointError(UserError):
     """A checkpoint or adapter file that is missing, truncated or not what it claims to be."""
 
@@ -68,18 +82,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
         raise UsageError(_with_fix(message, f"see `{self.prog} --help`"))
-
-
-# -- which exceptions are the user's ------------------------------------------------------------
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from msplora.config import ConfigError
-
-    types: list[type[BaseException]] = [UserError, ConfigError]
-    # Imported only if already loaded: the search package is its own floor (and branch).
-    search = sys.modules.get("msplora.search")
-    if search is not None and isinstance(getattr(search, "SearchError", None), type):
-        types.append(search.SearchError)
-    return tuple(types)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -109,9 +111,8 @@ def user_message(exc: BaseException, command: str = "") -> str | None:
     """
     chain = _chain(exc)
     help_fix = f"see `msplora {command} --help`" if command else "see `msplora --help`"
-    user_types = _user_error_types()
     for e in chain:  # 1. our own classes, outermost first
-        if isinstance(e, user_types):
+        if isinstance(e, UserError):
             return _with_fix(str(e), help_fix)
     for e in chain:  # 2. jsonargparse's parse errors
         if isinstance(e, argparse.ArgumentError) or type(e).__module__.startswith("jsonargparse"):

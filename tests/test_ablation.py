@@ -14,8 +14,8 @@ import yaml
 
 import msplora
 from msplora import ablation
-from msplora.training.cli import cli_main
 from msplora.training.predictions import decode, encode
+from tests.conftest import fit_cli
 
 VARIANTS = ablation.variant_names()
 REQUIRED = {
@@ -74,7 +74,7 @@ def test_every_ablation_parses_and_smoke_runs(name, tmp_path, tiny_bert_dir):
     args, cli = composed(name, tiny_bert_dir)
     cfg = cli.model.pyramid
     assert isinstance(cfg, msplora.MSPLoRAConfig) and cfg.targets == ["query", "value"]
-    fit = cli_main(["fit", *args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    fit = fit_cli([*args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
     cfg = msplora.get_bank(fit.model.model).config  # as injected (budget_of resolved on the model)
     m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert m["adapter_params"] == msplora.parameter_count(

@@ -286,3 +286,27 @@ def test_uneven_groups_are_stated():
     assert msplora.cell_of_layer("group", 4, groups=3) == [0, 0, 1, 2]
     assert msplora.rank_schedule(3, 8, 0.5) == [8, 4, 2]
     assert msplora.rank_schedule(4, 8, 0.25) == [8, 2, 1, 1]
+
+
+def test_a_new_sharing_scheme_is_one_registry_entry(monkeypatch):
+    """``pyramid.SHARE_SCHEMES`` is the one place a scheme lives: an entry for "pairs" (layers 0-1,
+    2-3, ... share a cell) is validated, named, labelled, counted and injected with no other edit."""
+    from msplora import pyramid
+
+    pairs = pyramid.ShareScheme("pairs", lambda n, groups, size: [i // 2 for i in range(n)], level_name="pair", tag="P")
+    monkeypatch.setitem(pyramid.SHARE_SCHEMES, "pairs", pairs)
+    cfg = MSPLoRAConfig(
+        targets=["query", "value"], levels=[{"share": "pairs", "rank": 2}, {"share": "layer", "rank": 1}]
+    )
+    assert [lv.name for lv in cfg.levels] == ["pair", "layer"]
+    assert pyramid.short_label(cfg.to_dict()["levels"], N_LAYERS) == "P2 L1"
+    model = msplora.inject(MODELS["bert"][0](), cfg)
+    bank = msplora.get_bank(model)
+    n_pairs = (N_LAYERS + 1) // 2
+    assert all(kb.n_cells == [n_pairs, N_LAYERS] for kb in bank.kinds.values())
+    shapes = {kind: (32, 32) for kind in ("query", "value")}
+    assert msplora.adapter_parameters(model) == pyramid.parameter_count(cfg.to_dict()["levels"], N_LAYERS, shapes)
+    with pytest.raises(ConfigError, match=r"unknown scheme 'triples'. Fix: use one of global, group, layer, pairs"):
+        MSPLoRAConfig(levels=[{"share": "triples", "rank": 2}])
+    with pytest.raises(ConfigError, match=r"groups/group_size given for share=pairs. Fix: set share: group"):
+        MSPLoRAConfig(levels=[{"share": "pairs", "rank": 2, "groups": 2}])

@@ -173,10 +173,25 @@ def test_sentiment_builtin() -> None:
     again = load_task("sentiment")["validation"]
     assert again["idx"] == val["idx"] and again["sentence"] == val["sentence"]
     # Pinned: the split must not move between machines or library versions unnoticed.
-    assert val["idx"][:5] == PINNED_SENTIMENT_VAL_IDX
+    assert sorted(val["idx"])[:5] == PINNED_SENTIMENT_VAL_IDX
+    assert val["idx"][:5] == PINNED_SENTIMENT_VAL_ORDER
 
 
-PINNED_SENTIMENT_VAL_IDX = [1, 12, 18, 41, 48]
+PINNED_SENTIMENT_VAL_IDX = [1, 12, 18, 41, 48]  # the rows held out (idx = row in the file)
+PINNED_SENTIMENT_VAL_ORDER = [2202, 5217, 7229, 9582, 9596]  # the order they are served in
+
+
+def test_sentiment_validation_is_served_shuffled_and_train_in_file_order() -> None:
+    """The file is sorted by rating: validation in file order starts with ~98 % positives, so a
+    partial validation (limit_val_batches) would score one class. Train keeps file order (seeded
+    runs see the same batches as before the validation order changed)."""
+    ds = load_task("sentiment")
+    train, val = ds["train"], ds["validation"]
+    assert train["idx"] == sorted(train["idx"])  # file order
+    assert sorted([*train["idx"], *val["idx"]]) == list(range(len(train) + len(val)))  # the same rows, each once
+    assert val["idx"] != sorted(val["idx"])
+    first = val["label"][:256]
+    assert 0.4 < sum(first) / len(first) < 0.6
 
 
 def test_boolq_builtin() -> None:

@@ -114,6 +114,16 @@ def inputs(tmp_path_factory, tiny_bert_dir) -> dict[str, Path]:
     p["bad_questions"] = root / "bad_question.jsonl"
     p["bad_questions"].write_text(json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
     p["not_a_model_file"] = tiny_bert_dir / "config.json"
+
+    # instruction data: an Alpaca record without its output
+    p["alpaca_no_output"] = root / "alpaca_no_output.jsonl"
+    p["alpaca_no_output"].write_text(
+        json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n" + '{"instruction": "a"}\n'
+    )
+    p["a_file"] = root / "a_file.txt"
+    p["a_file"].write_text("not a folder")
+    p["db_folder"] = root / "folder.db"
+    p["db_folder"].mkdir()
     return p
 
 
@@ -158,6 +168,18 @@ def _fill(arg: str, paths: dict) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: str(paths.get(m.group(1), m.group(0))), arg)
 
 
+def instruct(data: str):
+    """``msplora fit`` of the instruction-data config (tiny BERT's query/value) on ``data``."""
+    return fit(
+        "--config",
+        str(REPO / "configs" / "instruct_demo.yaml"),
+        "--model.model={model}",  # the config names its own model
+        "--model.pyramid.targets=[query, value]",
+        f"--data.init_args.data={data}",
+        data=None,
+    )
+
+
 def levels(yaml_list: str):
     return fit(f"--model.pyramid.levels={yaml_list}")
 
@@ -171,6 +193,8 @@ def cmd(*args: str):
 
 ANSWER = ("answer", "--questions", "{questions}", "--model-id", "m", "--out", "{out}/answers.jsonl")
 ABLATION = ("ablation", "run", "--root", "{out}")
+SEARCH = ("search", "run", "--trials", "1", "--out", "{out}/search", "--storage")
+REPORT = ("search", "report", "--out", "{out}/report", "--storage")
 
 CASES = [
     # -- every pyramid field, through the CLI: the library's ConfigError is the line
@@ -220,6 +244,10 @@ CASES = [
     Case("json_not_objects", fit(data="json_not_objects"), "train.json: expected JSON objects"),
     Case("data_class_typo", fit("--data=Nope"), "--data: "),
     Case("data_typo_key", fit("--data.init_args.tsk=x"), "--data.tsk: unknown key", "task, data_dir"),
+    # -- instruction data
+    Case("instruct_record_no_output", instruct("{alpaca_no_output}"), "record 1: Alpaca field 'output'", "'output'"),
+    Case("instruct_file_missing", instruct("{root}/none.jsonl"), "none.jsonl does not exist", "check the path"),
+    Case("instruct_hub_name_unreadable", instruct("someorg/nodata"), "no Hub dataset of that name can be read"),
     # -- model path
     Case("model_no_such_folder", fit("--model.model={root}/no_model"), "no such folder", "an alias (smollm2, minilm)"),
     Case("model_hub_name_offline", fit("--model.model=someorg/somemodel"), "not a Hub name reachable offline"),
@@ -289,6 +317,12 @@ CASES = [
         cmd(*ABLATION, "full", "--", "--model.model={model}", "--model.lrr=3"),
         "--model.lrr: unknown option",
     ),
+    # -- search storage
+    Case("search_storage_under_a_file", cmd(*SEARCH, "{a_file}/study.db"), "a_file.txt is a file, not a folder"),
+    Case("search_journal_under_a_file", cmd(*SEARCH, "{a_file}/sub/study.log"), "is a file, not a folder"),
+    Case("search_storage_is_a_folder", cmd(*SEARCH, "{db_folder}"), "folder.db is a folder", "name a file in it"),
+    Case("search_report_missing_folder", cmd(*REPORT, "{out}/nowhere/study.db"), "no such file", "search run"),
+    Case("search_report_under_a_file", cmd(*REPORT, "{a_file}/study.db"), "is a file, not a folder"),
     # -- the dispatcher
     Case("unknown_command", cmd("frobnicate"), "unknown command 'frobnicate'", "fit, validate, test"),
     Case("command_typo", cmd("analyse"), "unknown command 'analyse'", "did you mean `msplora analyze`"),
@@ -320,10 +354,12 @@ def test_user_error_is_one_line_exit_2_and_changes_nothing(case, inputs, tmp_pat
     argv = case.argv(inputs, out)
     before, before_inputs = snapshot(tmp_path), snapshot(inputs["root"])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
+    try:
+        code = main(argv)  # `msplora search` writes its line itself and returns the status
+    except SystemExit as e:  # every other command: run_command raises SystemExit(2)
+        code = e.code
     err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    assert code == 2, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert lines, "nothing on stderr"

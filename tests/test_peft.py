@@ -318,7 +318,7 @@ def test_export_peft_names_the_base_as_a_user_would(tmp_path, monkeypatch):
 
 
 def test_export_carries_dropout_and_train_mode_matches_peft_lora(tmp_path):
-    """Issue 14: one dropout mask on x shared by all levels == peft LoRA's one lora_dropout on
+    """One dropout mask on x shared by all levels == peft LoRA's one lora_dropout on
     the rank-R input. Same RNG state -> same masks -> the same train-mode outputs."""
     base = tiny_bert()
     model = injected("bert", base, dropout=0.3)

@@ -15,18 +15,17 @@ import msplora
 from msplora import MSPLoRAConfig
 from msplora.__main__ import main as msplora_main
 from msplora.export_cli import load_run
-from tests.conftest import REPO
+from tests.conftest import REPO, fit_cli
 from tests.tiny import inputs, randomize_adapter, tiny_bert
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_bert_dir):
     """One real fit (1 epoch, tiny BERT, the embedded sentiment task): a run folder as users have."""
-    from msplora.training.cli import cli_main
     from tests.test_training import fit_args
 
     root = tmp_path_factory.mktemp("fit")
-    cli_main(["fit", *fit_args(root, tiny_bert_dir, "--trainer.max_epochs=1")])
+    fit_cli(fit_args(root, tiny_bert_dir, "--trainer.max_epochs=1"))
     return next(root.rglob("metrics.json")).parent
 
 

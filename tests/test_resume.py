@@ -26,7 +26,7 @@ from msplora.training.cli import claim_run_dir, cli_main
 from msplora.training.data import DataError
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 from msplora.training.module import MSPLoRAModule
-from tests.conftest import REPO, run_ddp_script
+from tests.conftest import REPO, fit_cli, run_ddp_script
 
 CONFIGS = REPO / "configs"
 
@@ -223,7 +223,7 @@ def test_killed_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path, ti
     tracking equal what last.ckpt holds."""
     extra = ["--trainer.max_epochs=3", "--last_checkpoint.every_n_steps=3"]
     whole_root, killed_root = tmp_path / "whole", tmp_path / "killed"
-    cli_main(["fit", *fit_args(whole_root, tiny_bert_dir, *extra)])
+    fit_cli(fit_args(whole_root, tiny_bert_dir, *extra))
 
     # Any step after the first checkpoint; MSPLORA_TEST_SEED draws other ones.
     kill = random.Random(os.environ.get("MSPLORA_TEST_SEED", "resume")).randint(4, 14)
@@ -259,7 +259,7 @@ def test_killed_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path, ti
         seen["callbacks"] = copy.deepcopy({type(c).__name__: c.state_dict() for c in trainer.callbacks})
 
     monkeypatch.setattr(MSPLoRAModule, "on_train_start", capture)
-    cli_main(["fit", *fit_args(killed_root, tiny_bert_dir, *extra), "--ckpt_path=last"])
+    fit_cli([*fit_args(killed_root, tiny_bert_dir, *extra), "--ckpt_path=last"])
 
     # -- restored state equals the checkpoint
     assert seen["state"].keys() == saved["state_dict"].keys()
@@ -298,8 +298,10 @@ def test_killed_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path, ti
 
 DDP_SCRIPT = """
 import sys, torch, msplora
-from msplora.training.cli import cli_main
-cli = cli_main(sys.argv[1:])
+from msplora.training.run import compose, fit
+setup = compose(args=sys.argv[2:])  # argv[1] is "fit": Lightning re-runs this command line for rank 1
+fit(setup)
+cli = setup.cli
 bank = msplora.get_bank(cli.model.model)
 path = f"{cli.trainer.default_root_dir}/rank{cli.trainer.global_rank}.pt"
 torch.save({k: v.detach().clone() for k, v in bank.state_dict().items()}, path)
@@ -345,7 +347,7 @@ def test_killed_ddp_fit_resumed_from_last_ends_as_the_uninterrupted_fit(tmp_path
 def finished_run(tmp_path_factory, tiny_bert_dir) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("finished")
     args = fit_args(root, tiny_bert_dir, "--trainer.max_epochs=1")
-    cli_main(["fit", *args])
+    fit_cli(args)
     return root, args
 
 
@@ -370,14 +372,14 @@ def test_resume_refuses_settings_the_checkpoint_would_override(finished_run, ove
     root, args = finished_run
     before = snapshot(root)
     with pytest.raises(msplora.ConfigError, match=says):
-        cli_main(["fit", *args, *override, "--trainer.max_epochs=2", "--ckpt_path=last"])
+        fit_cli([*args, *override, "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert snapshot(root) == before  # a refusal changes nothing, and claims no folder
 
 
 def test_resume_honours_settings_it_can_follow(finished_run):
     """max_epochs is the trainer's, not the checkpoint's: the resumed run trains the extra epoch."""
     root, args = finished_run
-    cli = cli_main(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    cli = fit_cli([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert cli.trainer.global_step == 10 and cli.trainer.current_epoch == 2
     assert sorted(p.name for p in root.iterdir()) == ["version_0"]
 
@@ -411,7 +413,7 @@ def test_run_folder_claims_never_collide(tmp_path):
 
 def test_fit_failing_before_its_first_step_leaves_no_run_folder(tmp_path, tiny_bert_dir):
     with pytest.raises(msplora.ConfigError, match="matches no module"):
-        cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--model.pyramid.targets=[q_proj]")])
+        fit_cli(fit_args(tmp_path, tiny_bert_dir, "--model.pyramid.targets=[q_proj]"))
     assert list(tmp_path.glob("version_*")) == []
 
 
@@ -420,20 +422,20 @@ def test_refused_fit_removes_the_root_folders_it_created_and_keeps_others(tmp_pa
     bad = ("--data.init_args.task=mrpc", f"--data.init_args.data_dir={tmp_path / 'no_data'}")  # refused in prepare_data
     (tmp_path / "no_data").mkdir()
     with pytest.raises(DataError, match="no 'train' file"):
-        cli_main(["fit", *fit_args(tmp_path / "new" / "runs", tiny_bert_dir, *bad)])
+        fit_cli(fit_args(tmp_path / "new" / "runs", tiny_bert_dir, *bad))
     assert not (tmp_path / "new").exists()
     kept = tmp_path / "kept"
     (kept / "version_0").mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="no 'train' file"):
-        cli_main(["fit", *fit_args(kept, tiny_bert_dir, *bad)])
+        fit_cli(fit_args(kept, tiny_bert_dir, *bad))
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "version_0"]
     assert list((kept / "version_0").iterdir()) == []
 
 
 def test_finished_fit_writes_status_and_progress_lines(tmp_path, tiny_bert_dir, capsys):
     """Output captured (not a terminal): line progress with step, loss, speed and ETA."""
-    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--trainer.log_every_n_steps=2")])
+    fit_cli(fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--trainer.log_every_n_steps=2"))
     status = json.loads((tmp_path / "version_0" / "status.json").read_text())
     assert status["status"] == "finished" and status["global_step"] == 5
     out = capsys.readouterr().out

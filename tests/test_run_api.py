@@ -150,7 +150,7 @@ def test_a_bad_key_is_one_line_and_writes_nothing(tmp_path, tiny_bert_dir):
 
 
 def test_no_driver_calls_the_cli_from_python():
-    """Issue 13's check: the ablation runner, the search and the instruct demo go through the
+    """The ablation runner, the search and the instruct demo go through the
     run API, not by building command lines for LightningCLI."""
     drivers = [REPO / "msplora" / "training" / "instruct_demo.py"]
     drivers += sorted((REPO / "msplora" / "ablation").glob("*.py"))

@@ -1,4 +1,4 @@
-"""Issue 15's options: scale rule, per-level LR multipliers, LoRA+ ratio, equal-budget rank.
+"""The scaling and learning-rate options: scale rule, per-level LR multipliers, LoRA+ ratio, equal-budget rank.
 
 Defaults must change nothing (an old adapter file loads; default optimizer groups); each
 option does what its formula says, measured on a tiny model.

@@ -478,7 +478,7 @@ def test_killed_run_trial_goes_stale_and_is_retried_on_rerun_sqlite(tmp_path):
     _assert_exact_after_kill(study, 5, running.number)
 
 
-# -- errors (issue 11) -------------------------------------------------------------------------------
+# -- errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "change, problem",
     [

@@ -1,4 +1,4 @@
-"""A refusal changes nothing; an operation is all-or-nothing (STYLE principle 17).
+"""A refusal changes nothing; an operation is all-or-nothing.
 
 One table of refusing operations (merge / merge_and_unload with safe=True, load_adapter of
 adapters that do not fit or cannot be read, inject, disable_adapters whose body raises),

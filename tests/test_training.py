@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import msplora
 from msplora.training.cli import cli_main
-from tests.conftest import REPO, run_ddp_script, write_glue_task
+from tests.conftest import REPO, fit_cli, run_ddp_script, write_glue_task
 
 CONFIGS = REPO / "configs"
 # Causal-LM configs (InstructionDataModule) are smoke-run on a tiny LLaMA in test_instruct_fit.py.
@@ -55,7 +55,7 @@ def test_every_config_parses_and_smoke_runs(config, tmp_path, tiny_bert_dir):
     extra = []
     if spec.glue_folder:  # GPU users read the Hub; here a small synthetic copy in the original GLUE layout
         extra.append(f"--data.init_args.data_dir={write_glue_task(tmp_path / 'glue', spec.name)}")
-    fit = cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.fast_dev_run=2", *extra, config=config)])
+    fit = fit_cli(fit_args(tmp_path, tiny_bert_dir, "--trainer.fast_dev_run=2", *extra, config=config))
     own = yaml.safe_load(config.read_text())
     assert fit.datamodule.hparams.task == own["data"]["init_args"]["task"] and fit.datamodule.spec is spec
     assert fit.model.hparams.lr == own["model"]["lr"]
@@ -83,7 +83,7 @@ def test_fit_real_glue_task_end_to_end(tmp_path, tiny_bert_dir, glue_dir):
         "--trainer.max_epochs=2",
         config=CONFIGS / "rte.yaml",
     )
-    cli_main(["fit", *args])
+    fit_cli(args)
     m = metrics_of(tmp_path)
     assert m["task"] == "rte" and m["metric"] == "accuracy" and 0 <= m["value"] <= 1
     assert m["global_step"] == 8 and m["epochs"] == 2
@@ -109,15 +109,15 @@ def test_fit_real_glue_task_end_to_end(tmp_path, tiny_bert_dir, glue_dir):
 
 
 def test_resume_from_checkpoint(tmp_path, tiny_bert_dir):
-    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1")])
+    fit_cli(fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1"))
     last = next(tmp_path.rglob("last.ckpt"))
-    cli = cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=2", f"--ckpt_path={last}")])
+    cli = fit_cli(fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=2", f"--ckpt_path={last}"))
     assert cli.trainer.global_step == 8  # 4 steps restored + 4 new
     assert cli.trainer.current_epoch == 2
 
 
 def test_test_stage_loads_the_best_checkpoint_and_writes_metrics(tmp_path, tiny_bert_dir):
-    cli_main(["fit", *fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--data.init_args.val_fraction=0.2")])
+    fit_cli(fit_args(tmp_path, tiny_bert_dir, "--trainer.max_epochs=1", "--data.init_args.val_fraction=0.2"))
     run = next(tmp_path.rglob("metrics.json")).parent
     best_path = run / "checkpoints" / "best.ckpt"
     best = torch.load(best_path, weights_only=False)["state_dict"]
@@ -156,8 +156,10 @@ def test_bad_config_fails_with_clear_message(tmp_path, tiny_bert_dir):
 
 DDP_SCRIPT = """
 import sys, torch, msplora
-from msplora.training.cli import cli_main
-cli = cli_main(sys.argv[1:])
+from msplora.training.run import compose, fit
+setup = compose(args=sys.argv[2:])  # argv[1] is "fit": Lightning re-runs this command line for rank 1
+fit(setup)
+cli = setup.cli
 rank = cli.trainer.global_rank
 bank = msplora.get_bank(cli.model.model)
 torch.save({k: v.detach().clone() for k, v in bank.state_dict().items()}, f"{cli.trainer.default_root_dir}/rank{rank}.pt")

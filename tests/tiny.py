@@ -114,7 +114,7 @@ def randomize_adapter(model, seed: int = 2) -> None:
         kb.B.copy_(torch.randn(kb.B.shape, generator=g) * 0.3)
 
 
-# -- snapshots: "a refusal changes nothing" (STYLE principle 17) -----------------------------
+# -- snapshots: "a refusal changes nothing" -----------------------------
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's raw bytes: bit-identical means equal here, NaN included (NaN != NaN)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]  # msplora/ablation/variants.py -> the repository root
+from msplora.resources import resource_root, results_root
+
+REPO = resource_root()  # the checkout when running from one, else the wheel's msplora/_resources
 ABLATIONS = REPO / "ablations"
 CONFIGS = REPO / "configs"
-RESULTS = REPO / "results" / "ablations"
+RESULTS = results_root() / "ablations"
 DEFAULT_TASK = "sentiment"
 
 

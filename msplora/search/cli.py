@@ -33,6 +33,7 @@ from msplora.search.study import (
     DEFAULT_STORAGE,
     _scrub,
     build_sampler,
+    check_storage_file,
     counts,
     create_study,
     load_study,
@@ -56,6 +57,7 @@ def cmd_run(a: argparse.Namespace, extra: list[str]) -> int:
     sp = load_space(a.space)
     fit_args = compose_fit_args(sp, extra)
     url = storage_url(a.storage)
+    check_storage_file(url)
     name = a.study or sp.name
     setup = compose_fit(list(sp.configs), list(sp.fit_args) + list(extra))  # what every trial starts from
     info = model_info(sp.configs, [], setup)  # a model / targets that cannot work fail here
@@ -92,7 +94,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     url = a.storage or os.environ.get(ENV_STORAGE)
     if not url:
         raise SearchError("worker: no storage. Fix: pass --storage URL (the one `run` printed)")
-    storage = open_storage(url, a.heartbeat, a.grace)
+    storage = open_storage(url, a.heartbeat, a.grace, must_exist=True)
     study = load_study(storage, a.study)
     if "model_info" not in study.user_attrs:
         raise SearchError(f"study {a.study!r} was not created by `run`. Fix: start it with `run` first")
@@ -116,7 +118,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     import optuna
 
-    storage = open_storage(a.storage)
+    storage = open_storage(a.storage, must_exist=True)
     name = a.study
     if name is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]

@@ -69,22 +69,55 @@ def _scrub(text: str, url: str) -> str:
     return text.replace(pw, "***") if pw else text
 
 
-def open_storage(storage: str | None, heartbeat: int | None = None, grace: int | None = None):
+def storage_file(url: str) -> Path | None:
+    """The local file of a journal or SQLite storage URL; None for a database server's URL."""
+    for prefix in ("journal:", "sqlite:///"):
+        if url.startswith(prefix):
+            return Path(url[len(prefix) :]).expanduser()
+    return None
+
+
+def check_storage_file(url: str, must_exist: bool = False) -> None:
+    """Refuse, before anything is written, a storage file that cannot be one: a folder, a path
+    under a file, or (``must_exist``: ``report`` and ``worker`` read a study that ``run`` made)
+    a file that is not there. ``run`` creates a missing file and its missing folders."""
+    path = storage_file(url)
+    if path is None:
+        return
+    shown = redact(url)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise SearchError(
+                f"--storage {shown}: {parent} is a file, not a folder. Fix: put the storage file in a folder "
+                "(e.g. results/search/search.log)"
+            )
+    if path.is_dir():
+        raise SearchError(f"--storage {shown}: {path} is a folder. Fix: name a file in it, e.g. {path / 'search.log'}")
+    if must_exist and not path.is_file():
+        raise SearchError(
+            f"--storage {shown}: no such file {path}. Fix: check the path, or create the study first with "
+            "`msplora search run --storage ...`"
+        )
+
+
+def open_storage(storage: str | None, heartbeat: int | None = None, grace: int | None = None, must_exist: bool = False):
     """An Optuna storage for the argument; on RDB with ``heartbeat`` set, stale trials are
-    failed after ``grace`` seconds and re-queued once."""
+    failed after ``grace`` seconds and re-queued once. A storage file and its folders are
+    created when missing, unless ``must_exist`` (then a missing file is a ``SearchError``)."""
     import optuna
 
     url = storage_url(storage)
+    check_storage_file(url, must_exist)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url[len("journal:") :])
+        path = storage_file(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     kwargs: dict[str, Any] = {}
     sqlite = url.startswith("sqlite:///")
     if sqlite:
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        storage_file(url).parent.mkdir(parents=True, exist_ok=True)
         # timeout: a worker waits for another's write instead of failing at once.
         # isolation_level=None: pysqlite emits no BEGIN of its own; _begin_immediate does.
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60, "isolation_level": None}}

@@ -337,14 +337,9 @@ def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: boo
     """exit_on_error=False: a bad argument raises ``UsageError`` (one line, see msplora.errors)
     instead of jsonargparse printing the usage and exiting.
 
-    ``["fit", ...]`` with run=True goes through the run API (:mod:`msplora.training.run`), the
-    one way every fit runs; it returns the CLI, fitted. Other subcommands run in LightningCLI."""
-    if run and args and args[0] == "fit":
-        from msplora.training.run import compose, fit
-
-        setup = compose(args=args[1:])
-        fit(setup)
-        return setup.cli
+    run=False parses one fit's config (what :func:`msplora.training.run.compose` builds on; every
+    fit runs through that API). run=True runs the other subcommands (validate, test, predict) in
+    LightningCLI."""
     with warnings.catch_warnings():
         # Called from Python (ablation, search, demos) with `args`, the caller's own sys.argv is
         # not meant for this parser; Lightning warns about every such call.

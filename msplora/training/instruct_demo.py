@@ -24,8 +24,9 @@ from collections import Counter
 from pathlib import Path
 
 from msplora.io import write_json_atomic
+from msplora.resources import resource_root
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = resource_root()  # the checkout when running from one, else the wheel's msplora/_resources
 CONFIGS = (REPO / "configs" / "base.yaml", REPO / "configs" / "instruct_demo.yaml")
 
 

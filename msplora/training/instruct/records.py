@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from msplora.errors import DataError
 from msplora.io import parse_jsonl
 
 Message = dict[str, str]
@@ -26,6 +27,12 @@ _SHAREGPT_ROLES = {
     "bard": "assistant",
     "bing": "assistant",
 }
+
+
+_RECORD_FIX = (
+    "fix that record: Alpaca records need 'instruction' and 'output' strings ('input' optional), "
+    "chat records a 'messages' list, ShareGPT records a 'conversations' list"
+)
 
 
 def _check_conversation(messages: list[Message]) -> str | None:
@@ -50,12 +57,12 @@ def _check_conversation(messages: list[Message]) -> str | None:
 def normalize_record(record: Any, source: str = "<records>", index: int = 0) -> list[Message]:
     """Turn one Alpaca, chat (`messages`) or ShareGPT (`conversations`) record into messages.
 
-    A trailing user turn (no reply to learn) is dropped. Raises `ValueError` naming `source`,
-    `index` and the fault for anything else that does not fit.
+    A trailing user turn (no reply to learn) is dropped. Raises `DataError` (a `ValueError`)
+    naming `source`, `index` and the fault for anything else that does not fit.
     """
 
-    def fail(what: str) -> ValueError:
-        return ValueError(f"{source}: record {index}: {what}")
+    def fail(what: str) -> DataError:
+        return DataError(f"{source}: record {index}: {what}. Fix: {_RECORD_FIX}")
 
     if not isinstance(record, dict):
         raise fail(f"expected a JSON object, got {type(record).__name__}")
@@ -116,8 +123,11 @@ def _read_json_records(path: Path) -> list[Any]:
         else:
             if isinstance(data, list):
                 return data
-            raise ValueError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-    return parse_jsonl(text, path, fix="fix or remove that line (one JSON object a line)")
+            raise DataError(
+                f"{path}: expected a JSON list of records, got a {type(data).__name__}. "
+                "Fix: write the records as one JSON list, or one JSON object a line (JSONL)"
+            )
+    return parse_jsonl(text, path, fix="fix or remove that line (one JSON object a line)", error=DataError)
 
 
 def load_conversations(data: str, split: str = "train") -> list[list[Message]]:
@@ -126,14 +136,32 @@ def load_conversations(data: str, split: str = "train") -> list[list[Message]]:
     if path.is_file():
         records: Iterable[Any] = _read_json_records(path)
         source = str(path)
-    elif path.suffix in (".json", ".jsonl") or data.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"instruction data file {path} does not exist")
     else:
-        import datasets  # heavy import; only the Hub path needs it
-
-        records = datasets.load_dataset(data, split=split)
+        records = hub_records(data, split)
         source = f"hub:{data}[{split}]"
     return [normalize_record(r, source, i) for i, r in enumerate(records)]
+
+
+def hub_records(data: str, split: str = "train") -> Iterable[Any]:
+    """The records of the Hub dataset ``data`` (fetched into the ``datasets`` cache), or a
+    ``DataError`` when ``data`` is a missing file or no dataset that can be read."""
+    path = Path(data).expanduser()
+    if path.suffix in (".json", ".jsonl") or data.startswith((".", "/", "~")):
+        raise DataError(
+            f"instruction data file {path} does not exist. Fix: check the path (a JSON list or a JSONL "
+            "file of Alpaca, chat or ShareGPT records)"
+        )
+    import datasets  # heavy import; only the Hub path needs it
+
+    try:
+        return datasets.load_dataset(data, split=split)
+    except (FileNotFoundError, ConnectionError) as e:  # DatasetNotFoundError is a FileNotFoundError
+        reason = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"data {data!r}: no such file, and no Hub dataset of that name can be read ({reason}). Fix: give "
+            "the path of a JSON/JSONL file of records, or a Hub dataset name that exists (cached beforehand "
+            "when offline)"
+        ) from None
 
 
 def _n_val(val_size: int | float, n: int) -> int:
