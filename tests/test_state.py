@@ -23,6 +23,7 @@ from msplora import ConfigError, MSPLoRAConfig
 from tests.tiny import VARIANTS, assert_same, inputs, logits, randomize_adapter, snapshot, tiny_bert
 
 inject_module = importlib.import_module("msplora.inject")  # `msplora.inject` is the function
+injection = importlib.import_module("msplora.inject.injection")  # where inject() finds the wrapper class
 
 
 def config(variant: str, **overrides) -> MSPLoRAConfig:
@@ -106,7 +107,7 @@ def start(state: str, variant: str):
     return model
 
 
-class FailsOnThirdWrap(inject_module.MSPLoRALinear):
+class FailsOnThirdWrap(injection.MSPLoRALinear):
     """Stands in for the wrapper class to make inject fail half-way through swapping."""
 
     made = 0
@@ -120,12 +121,12 @@ class FailsOnThirdWrap(inject_module.MSPLoRALinear):
 
 def inject_failing_half_way(model, variant):
     FailsOnThirdWrap.made = 0
-    orig = inject_module.MSPLoRALinear
-    inject_module.MSPLoRALinear = FailsOnThirdWrap
+    orig = injection.MSPLoRALinear
+    injection.MSPLoRALinear = FailsOnThirdWrap
     try:
         msplora.inject(model, config(variant))
     finally:
-        inject_module.MSPLoRALinear = orig
+        injection.MSPLoRALinear = orig
 
 
 def disable_and_raise(model, variant):
