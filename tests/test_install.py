@@ -133,11 +133,6 @@ def test_installed_ablation_and_search_commands_find_their_files(installed):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="msplora/search/space.py still sets REPO = Path(__file__).parents[2]; it should use "
-    "msplora.resources.resource_root() (then drop this mark)",
-)
 def test_installed_search_finds_its_default_space(installed):
     proc = _run_installed(
         installed, "-c", "from msplora.search.space import DEFAULT_SPACE; print(DEFAULT_SPACE.is_file())"

@@ -161,6 +161,10 @@ def test_to_core_model_keeps_adapter_and_head_for_save_adapter(tmp_path):
     x = inputs()
     with torch.no_grad():
         expected = logits(pm, x)
+    # straight from the PeftModel the head would be left out: refused in one line, nothing written
+    with pytest.raises(ConfigError, match="peft model.*Fix: .*to_core_model"):
+        msplora.save_adapter(pm, tmp_path / "direct")
+    assert not (tmp_path / "direct").exists()
     core = to_core_model(pm)
     assert msplora.get_bank(core).config.modules_to_save == ["classifier"]
     msplora.save_adapter(core, tmp_path / "ad")

@@ -15,14 +15,16 @@ from msplora.ablation.variants import DEFAULT_TASK, RESULTS, AblationError, is_e
 from msplora.errors import ArgumentParser
 from msplora.io import split_passthrough
 
+DESCRIPTION = "Ablation suite: run the overlays in ``ablations/`` fairly, and tabulate what exists."
+
 
 def main(argv: list[str] | None = None) -> None:
-    from msplora import ablation  # the package: its docstring's first line is the description
-
     argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    p = ArgumentParser(prog="msplora ablation", description=ablation.__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="msplora ablation", description=DESCRIPTION)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run variants (LR sweep on seed 0, then every seed at the chosen LR)")
+    r = sub.add_parser(
+        "run", help="run variants (LR sweep on the selection seed(s), then every reported seed at the chosen LR)"
+    )
     r.add_argument("names", nargs="*", metavar="NAME", help="variants (file stems in ablations/)")
     r.add_argument("--all", action="store_true", help="every variant in ablations/")
     r.add_argument("--task", default=DEFAULT_TASK, help="task name (results folder; checked against the config)")

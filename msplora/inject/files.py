@@ -60,6 +60,14 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
     """Save the adapter (safetensors + JSON config) to the directory ``path``."""
     from safetensors.torch import save_file
 
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):  # a PeftModel (peft not imported)
+        # peft keeps the trained head in its own modules_to_save wrapper, which the bank does not
+        # know: saved this way the head would be silently missing.
+        raise ConfigError(
+            "save_adapter: this is a peft model; its head lives in peft's wrappers and would be left out. "
+            "Fix: model.save_pretrained(dir), msplora.export_peft(model, dir) for plain LoRA, or "
+            "save_adapter(msplora.peft.to_core_model(model), dir)"
+        )
     bank = get_bank(model)
     info = {
         "format": "msplora",

@@ -16,8 +16,9 @@ import yaml
 
 from msplora.config import ConfigError
 from msplora.pyramid import group_sizes, parameter_count, rank_schedule, short_label
+from msplora.resources import resource_root
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = resource_root()  # a checkout's folders, else the copy shipped in the wheel
 DEFAULT_SPACE = REPO / "configs" / "search" / "default.yaml"
 
 
