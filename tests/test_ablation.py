@@ -77,9 +77,13 @@ def test_every_ablation_parses_and_smoke_runs(name, tmp_path, tiny_bert_dir):
     fit = fit_cli([*args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
     cfg = msplora.get_bank(fit.model.model).config  # as injected (budget_of resolved on the model)
     m = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
-    assert m["adapter_params"] == msplora.parameter_count(
-        [vars(lv) for lv in cfg.levels], 4, {"query": (32, 32), "value": (32, 32)}
-    )
+    formula = msplora.parameter_count([vars(lv) for lv in cfg.levels], 4, {"query": (32, 32), "value": (32, 32)})
+    # the head-only floor trains no adapter: its trainable adapter count is 0, the head alone trains
+    trains_adapter = fit.model.hparams.train_adapter
+    assert m["adapter_params"] == (formula if trains_adapter else 0)
+    if not trains_adapter:
+        assert m["trainable_params"] == msplora.trainable_parameters(fit.model.model) > 0
+        assert all(not p.requires_grad for p in msplora.get_bank(fit.model.model).parameters())
 
 
 # MiniLM's shape: 6 layers, q/v maps of 384 -> 384: one rank-cell costs 2 * (384 + 384) = 1,536.

@@ -49,13 +49,14 @@ from msplora.inject.reports import (
     parameter_report,
     trainable_parameters,
 )
-from msplora.inject.targets import Target, find_targets, target_layout
+from msplora.inject.targets import BLOCK_PATTERN, Target, find_targets, target_layout
 from msplora.layers import PREFIX
 
 # The underscored names are used by msplora.peft and msplora.export (one implementation, several
 # doors); _SavePretrainedRefusal also by pickles of adapted models made before this was a package.
 __all__ = [
     "ADAPTER_CONFIG",
+    "BLOCK_PATTERN",
     "ADAPTER_WEIGHTS",
     "FORMAT_VERSION",
     "PREFIX",

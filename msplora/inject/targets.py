@@ -15,7 +15,7 @@ from msplora.layers import PREFIX, KindBank, MSPLoRABank, MSPLoRALinear
 from msplora.quant import is_quantized
 from msplora.quant import shape as quantized_shape
 
-_BLOCK = re.compile(r"^(?P<stack>(?:.*\.)?(?:layer|layers|h|block|blocks))\.(?P<idx>\d+)\.(?P<rel>.+)$")
+BLOCK_PATTERN = re.compile(r"^(?P<stack>(?:.*\.)?(?:layer|layers|h|block|blocks))\.(?P<idx>\d+)\.(?P<rel>.+)$")
 
 
 def _conv1d_type():
@@ -60,7 +60,7 @@ def find_targets(model: nn.Module, config: MSPLoRAConfig) -> list[Target]:
                 f"targets: {name} matches but is a {type(mod).__name__}, not a linear map. "
                 "Fix: target nn.Linear / Conv1D modules only"
             )
-        m = _BLOCK.match(name)
+        m = BLOCK_PATTERN.match(name)
         if m is None:
             raise ConfigError(
                 f"targets: {name} has no layer index (no layer.N / layers.N / h.N / blocks.N in its name), "

@@ -42,11 +42,11 @@ STRATEGY_NAME = "msplora_fsdp"
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The numbered blocks that hold wrapped (adapted) layers, in order: ``<stack>.<N>`` for every
     ``<stack>.<N>.<...>`` target name (``msplora.inject``'s layer-index rule)."""
-    from msplora.inject import _BLOCK, wrapped_layers  # _BLOCK: the package's own layer-index rule
+    from msplora.inject import BLOCK_PATTERN, wrapped_layers  # the package's own layer-index rule
 
     names = []
     for name, _ in wrapped_layers(model):
-        m = _BLOCK.match(name)
+        m = BLOCK_PATTERN.match(name)
         if m is not None and f"{m['stack']}.{m['idx']}" not in names:
             names.append(f"{m['stack']}.{m['idx']}")
     if not names:
