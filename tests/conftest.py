@@ -119,13 +119,14 @@ def glue_dir() -> Path:
     return GLUE_DIR
 
 
-def run_ddp_script(script: str, args: list[str], root: Path) -> dict[str, object]:
+def run_ddp_script(script: str, args: list[str], root: Path, script_dir: Path | None = None) -> dict[str, object]:
     """Run `script` (which saves its bank as ``<root>/rank<r>.pt``) on 2 gloo processes as a
     subprocess (Lightning re-executes the command line for rank 1); check both ranks trained
-    the same adapter and return rank 0's bank."""
+    the same adapter and return rank 0's bank. ``script_dir``: where the script file goes
+    (default ``root``)."""
     import torch
 
-    path = root / "ddp_script.py"
+    path = (script_dir or root) / "ddp_script.py"
     path.write_text(script)
     proc = subprocess.run(
         [sys.executable, str(path), *args],

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import msplora
 from msplora.inject import ADAPTER_WEIGHTS
 from msplora.training.cli import cli_main
-from tests.conftest import REPO, save_tiny_bert, write_glue_task
+from tests.conftest import REPO, run_ddp_script, save_tiny_bert, write_glue_task
 from tests.test_resume import KILL_SCRIPT, fit_args
 
 CONFIGS = REPO / "configs"
@@ -71,21 +71,8 @@ if __name__ == "__main__":
 
 def run_ranks(script_dir: Path, args: list[str], root: Path) -> dict[str, torch.Tensor]:
     """Run SCRIPT on 2 gloo processes (Lightning re-executes the command for rank 1); both ranks
-    must hold the same whole tensors. Returns rank 0's."""
-    path = script_dir / "fsdp_script.py"
-    path.write_text(SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(path), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = torch.load(root / "rank0.pt"), torch.load(root / "rank1.pt")
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-    return r0
+    must hold the same whole tensors, and have trained. Returns rank 0's."""
+    return run_ddp_script(SCRIPT, args, root, script_dir=script_dir)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +123,7 @@ def test_fsdp_two_ranks_train_what_one_process_trains(tmp_path, bert_no_dropout)
         ],
         fsdp_root,
     )
-    main = runpy.run_path(str(tmp_path / "fsdp_script.py"), run_name="one_process")["main"]
+    main = runpy.run_path(str(tmp_path / "ddp_script.py"), run_name="one_process")["main"]
     main([*args, "--data.init_args.batch_size=16", "--trainer.devices=1", f"--trainer.default_root_dir={one_root}"])
     one = torch.load(one_root / "rank0.pt")
     assert sorted(one) == sorted(
