@@ -122,12 +122,16 @@ class KindBank(nn.Module):
         """Learning-rate multiplier of each row of A (= column of B), shape (R_tot,): the
         level's ``lr_scale`` times the ``lr_rule`` factor of the row's cell (see
         :func:`msplora.pyramid.cell_lr_multipliers`)."""
+        return torch.tensor(self.row_lr_factors(lr_rule), device=self.A.device, dtype=self.A.dtype)
+
+    def row_lr_factors(self, lr_rule: str = "none") -> list[float]:
+        """:meth:`lr_multipliers` as plain numbers (from the config alone: also on a meta-device bank)."""
         n = len(self.layer_ids)
         out = []
         for lv in self.levels:
             for m in cell_lr_multipliers(lv.share, n, lv.groups, lv.group_size, lv.lr_scale, lr_rule):
                 out.extend([m] * lv.rank)
-        return torch.tensor(out, device=self.A.device, dtype=self.A.dtype)
+        return out
 
     def level_block(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Level k's factors as views: A (n_cells, r, d_in), B (n_cells, d_out, r)."""
@@ -150,8 +154,8 @@ class MSPLoRABank(nn.Module):
         whose rows do not all train at the adapter's LR; empty under the default config."""
         out = []
         for kb in self.kinds.values():
-            m = kb.lr_multipliers(self.config.lr_rule)  # (R_tot,)
-            if bool((m != 1).any()):
+            if any(f != 1 for f in kb.row_lr_factors(self.config.lr_rule)):
+                m = kb.lr_multipliers(self.config.lr_rule)  # (R_tot,)
                 out += [(kb.A, m[:, None]), (kb.B, m[None, :])]  # rows of A, columns of B
         return out
 

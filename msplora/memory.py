@@ -110,7 +110,7 @@ KNOWN_SHAPES: dict[str, Shape] = {
 @dataclass(frozen=True)
 class Estimate:
     parts: dict[str, float] = field(default_factory=dict)  # bytes per device, by part
-    host_bytes: float = 0.0  # host RAM per node while loading (every rank reads the base)
+    host_bytes: float = 0.0  # host RAM per node while loading (FSDP: rank 0 reads the base; DDP, QLoRA: every rank)
 
     @property
     def total(self) -> float:
@@ -173,7 +173,10 @@ def estimate(
         parts["activations"] = shape.num_hidden_layers * per_block
     parts["logits"] = tokens * shape.vocab_size * (2 + 4 + 4)
     parts["runtime"] = RUNTIME_BYTES
-    return Estimate(parts, host_bytes=devices * shape.params * b16)
+    # FSDP: only rank 0 reads the base, the others build it on the meta device and receive their
+    # shards (msplora.training.fsdp.load_from_rank0); quantized bases are read by every rank.
+    readers = 1 if strategy == "fsdp" and not quantize else devices
+    return Estimate(parts, host_bytes=readers * shape.params * b16)
 
 
 def shape_of(model: str) -> Shape:

@@ -62,6 +62,10 @@ def main(argv):
         trainer.fit(model, datamodule=dm)
     out = {n: whole(p) for n, p in model.named_parameters() if p.requires_grad}
     torch.save(out, f"{trainer.default_root_dir}/rank{trainer.global_rank}.pt")
+    # the frozen base and every buffer, and whether this rank built the base on the meta device
+    base = {n: whole(p) for n, p in model.model.named_parameters() if not p.requires_grad}
+    base.update({n: whole(b) for n, b in model.model.named_buffers()})
+    torch.save({"skeleton": model.base_skeleton, "tensors": base}, f"{trainer.default_root_dir}/base{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
@@ -316,3 +320,22 @@ def test_70b_fsdp_recipe_fits_a_tiny_llama_on_two_ranks(tmp_path, tiny_llama_dir
     assert all(state[f"model.msplora_bank.kinds.{k}.B"].abs().sum() > 0 for k in ("q_proj", "v_proj"))
     config = (root / "version_0" / "config.yaml").read_text()
     assert "PyramidFSDPStrategy" in config and "gradient_checkpointing: true" in config
+    assert_rank1_got_the_base_from_rank0(root, tiny_llama_dir)
+
+
+def assert_rank1_got_the_base_from_rank0(root: Path, model_dir: Path) -> None:
+    """Only rank 0 read the weights (rank 1 built a meta-device skeleton), and after the fit both
+    ranks hold rank 0's frozen base and buffers bit for bit (rotary ``inv_freq`` and the tied
+    embedding included), which are the file's."""
+    from transformers import AutoModelForCausalLM
+
+    b0, b1 = torch.load(root / "base0.pt"), torch.load(root / "base1.pt")
+    assert (b0["skeleton"], b1["skeleton"]) == (False, True)
+    t0, t1 = b0["tensors"], b1["tensors"]
+    assert t0.keys() == t1.keys() and all(torch.equal(t0[k], t1[k]) for k in t0)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    inv_freq = [k for k in t0 if k.endswith("rotary_emb.inv_freq")]
+    assert inv_freq and torch.equal(t0[inv_freq[0]], ref.model.rotary_emb.inv_freq)
+    assert torch.equal(t0["model.embed_tokens.weight"], ref.model.embed_tokens.weight)
+    q = [k for k in t0 if ".layers.5.self_attn.q_proj." in k and k.endswith("weight")]
+    assert len(q) == 1 and torch.equal(t0[q[0]], ref.model.layers[5].self_attn.q_proj.weight)

@@ -17,6 +17,10 @@ about it could be tested here, and its checkpoints gather the full model state. 
 registered as ``msplora_fsdp``; the CLI maps ``fsdp`` to it on a GPU and refuses ``fsdp`` on a CPU
 in one line naming ``msplora_fsdp`` (:func:`resolve_strategy`), so both use the one tested path.
 
+Loading: only rank 0 reads the base; the other ranks build it on the meta device (MSPLoRAModule
+does so under this strategy), and after sharding rank 0 broadcasts each tensor, every rank keeping
+its own shard (:func:`load_from_rank0`): one copy of the base in host memory, not one per rank.
+
 Checkpoints hold the trainable tensors only (adapter and head, whole, not sharded: 150 MB at 70B,
 0.6 GB with AdamW's moments), their optimizer state and the loop state, in one file written by
 rank 0: the frozen base is never gathered or saved (``ignore_frozen_params``). Mixed precision: keep the base stored in bf16
@@ -80,6 +84,52 @@ def shard(
     return model
 
 
+def _tensors(model: nn.Module):
+    """Every parameter (tied ones once) and buffer, by name: what a rank-0 load must fill."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for _, t in _tensors(model))
+
+
+def load_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor] | None, device: torch.device, rank: int) -> None:
+    """Fill a sharded model whose ranks other than 0 hold a meta-device skeleton: rank 0 passes its
+    whole tensors (``whole``, taken before sharding), broadcast one at a time, and each rank copies
+    its own shard (a DTensor's local part) or the whole buffer. Host memory: one copy of the base,
+    on rank 0, instead of one per rank. All ranks first check that they hold the same names,
+    shapes and dtypes, and all refuse together if not."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if rank == 0 and any(t.is_meta for t in whole.values()):
+        raise RuntimeError("load_from_rank0: rank 0 holds meta tensors; it must load the real weights")
+    if rank != 0:
+        model.to_empty(device=device)  # after fully_shard: allocates each rank's shard only
+    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in _tensors(model)]
+    ref = [layout]
+    dist.broadcast_object_list(ref, src=0, device=device)
+    differs = [a for a, b in zip(layout, ref[0]) if a != b] or ([] if len(layout) == len(ref[0]) else ["(count)"])
+    flag = torch.tensor([float(bool(differs))], device=device)
+    dist.all_reduce(flag)
+    if flag.item():
+        raise msplora.ConfigError(
+            f"trainer.strategy={STRATEGY_NAME}: rank {rank}'s model differs from rank 0's at "
+            f"{differs[0] if differs else 'another rank'}. Fix: build the same model on every rank"
+        )
+    with torch.no_grad():
+        for name, t in _tensors(model):
+            full = (
+                whole[name].to(device).contiguous() if rank == 0 else torch.empty(t.shape, dtype=t.dtype, device=device)
+            )
+            dist.broadcast(full, src=0)
+            if isinstance(t, DTensor):
+                t.to_local().copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None).to_local())
+            else:
+                t.copy_(full)
+
+
 class PyramidFSDPStrategy(ModelParallelStrategy):
     """FSDP2 data parallelism over all processes, sharded as :func:`shard` says; adapter-only
     checkpoints in one file. Runs on GPUs (NCCL) and on CPU (gloo).
@@ -134,7 +184,14 @@ class PyramidFSDPStrategy(ModelParallelStrategy):
             )
         if not is_sharded(model):
             dtype = getattr(torch, self.param_dtype) if self.param_dtype else None
+            # Ranks other than 0 may hold a meta-device skeleton of the base (MSPLoRAModule builds
+            # one there): rank 0 keeps references to its whole tensors while sharding, then sends them.
+            skeleton = self.reduce_boolean_decision(has_meta_tensors(model), all=False)
+            whole = dict(_tensors(model)) if skeleton and self.global_rank == 0 else None
             shard(model, self.device_mesh["data_parallel"], dtype, self.reshard_after_forward)
+            if skeleton:
+                load_from_rank0(model, whole, self.root_device, self.global_rank)
+            del whole
         super().setup(trainer)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:

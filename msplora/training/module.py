@@ -164,16 +164,24 @@ class MSPLoRAModule(L.LightningModule):
         path = resolve_model(hp.model)
         dtype = getattr(torch, hp.dtype)
         quant = self._quantization(path) if hp.get("quantize") is not None else {}
-        if hp.problem == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quant)
-        else:
+        auto = AutoModelForCausalLM if hp.problem == "causal_lm" else AutoModelForSequenceClassification
+        labels = {}
+        if hp.problem != "causal_lm":
             if hp.num_labels is None:
                 raise msplora.ConfigError("model.num_labels: unknown. Fix: use a GLUE-style DataModule or set it")
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=hp.num_labels, dtype=dtype, **quant
-            )
-            if model.config.pad_token_id is None:  # decoder backbones need it to find the last token
-                model.config.pad_token_id = model.config.eos_token_id
+            labels = {"num_labels": hp.num_labels}
+        # Under FSDP only rank 0 reads the weights; the other ranks build the same model on the meta
+        # device (no memory, no disk) and receive their shards from rank 0 when the strategy shards it.
+        self.base_skeleton = not quant and self._base_from_rank0()
+        if self.base_skeleton:
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                model = auto.from_config(AutoConfig.from_pretrained(path, **labels), dtype=dtype)
+        else:
+            model = auto.from_pretrained(path, dtype=dtype, **labels, **quant)
+        if hp.problem != "causal_lm" and model.config.pad_token_id is None:  # decoders need it to find the last token
+            model.config.pad_token_id = model.config.eos_token_id
         cfg = self.pyramid or MSPLoRAConfig(targets=default_targets(model))
         if hp.problem != "causal_lm" and not cfg.modules_to_save:
             cfg.modules_to_save = head_modules(model)
@@ -201,6 +209,14 @@ class MSPLoRAModule(L.LightningModule):
             self.val_metrics = nn.ModuleList(build_metrics(self.spec) for _ in range(n_val))
             self.test_metrics = nn.ModuleList(build_metrics(self.spec) for _ in range(n_test))
         return model
+
+    def _base_from_rank0(self) -> bool:
+        """True on the ranks other than 0 of a multi-process ``msplora_fsdp`` fit: they build the
+        base on the meta device and get its weights from rank 0 (:mod:`msplora.training.fsdp`)."""
+        from msplora.training.fsdp import PyramidFSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return isinstance(strategy, PyramidFSDPStrategy) and strategy.world_size > 1 and strategy.global_rank != 0
 
     def _quantization(self, path: str) -> dict:
         """``from_pretrained``'s arguments for ``quantize``: transformers' bitsandbytes config,
