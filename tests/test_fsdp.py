@@ -90,12 +90,18 @@ FSDP = ["--trainer.devices=2", "--trainer.strategy=msplora_fsdp"]
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_train_what_one_process_trains(tmp_path, bert_no_dropout):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_fsdp_two_ranks_train_what_one_process_trains(tmp_path, bert_no_dropout, quantize):
     """SST-2 layout, 32 equal-length rows, 2 epochs x 2 steps: 2 FSDP ranks x 8 == 1 process x 16,
     adapter and head within 1e-5 (measured ~2.4e-7: float summation order). The FSDP run also
-    checkpoints its activations, as the 13B/70B recipes do (it must not change the numbers)."""
+    checkpoints its activations, as the 13B/70B recipes do (it must not change the numbers).
+    ``nf4``: QLoRA under FSDP (every rank reads the 4-bit base; FSDP shards the packed bytes and
+    bitsandbytes finds each weight's quantization state again after the all-gather)."""
+    if quantize:
+        pytest.importorskip("bitsandbytes")
     data = write_glue_task(tmp_path / "glue", "sst2", n_train=32, n_dev=8)
     args = [
+        *([f"--model.quantize={quantize}"] if quantize else []),
         "--config",
         str(CONFIGS / "base.yaml"),
         f"--model.model={bert_no_dropout}",
@@ -146,6 +152,10 @@ def test_fsdp_two_ranks_train_what_one_process_trains(tmp_path, bert_no_dropout)
         assert one[k].abs().max() > 1e-3, f"{k} is ~0: the comparison would test nothing"  # B, bias start at 0
         err = (fsdp[k] - one[k]).abs().max().item()
         assert err <= 1e-5, f"{k}: FSDP differs from one process by {err:.3g}"
+    # the base: 4-bit packed bytes under nf4 (so it did run quantized), the same on both sides
+    base_fsdp, base_one = (torch.load(root / "base0.pt")["tensors"] for root in (fsdp_root, one_root))
+    assert any(t.dtype == torch.uint8 for t in base_one.values()) == bool(quantize)
+    assert base_fsdp.keys() == base_one.keys() and all(torch.equal(base_fsdp[k], base_one[k]) for k in base_one)
 
 
 @pytest.mark.slow
