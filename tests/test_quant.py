@@ -242,6 +242,26 @@ def test_merge_requantises_says_by_how_much_and_unmerge_is_exact(saved, quant):
     assert torch.equal(out(model, x), base)
 
 
+def test_load_adapter_into_a_merged_quantized_model_warns_of_the_new_rounding(saved, tmp_path):
+    """load_adapter on a merged model re-merges the new delta: on a quantized base that rounds
+    again, so it warns as merge does (once), and unmerge still gives back the original bytes."""
+    model = msplora.inject(load(saved, "llama", "nf4"), config("llama"))
+    randomize_adapter(model, seed=3)
+    msplora.save_adapter(model, tmp_path / "other")
+    randomize_adapter(model, seed=2)
+    q_before = qweights(model)
+    _merge(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        msplora.load_adapter(model, tmp_path / "other")
+    assert len([w for w in caught if issubclass(w.category, RequantizationWarning)]) == 1
+    layers = [layer for _, layer in msplora.wrapped_layers(model)]
+    assert all(layer.merged and layer.merge_error > 0 for layer in layers)
+    msplora.unmerge(model)
+    after = qweights(model)
+    assert after.keys() == q_before.keys() and all(torch.equal(after[k], q_before[k]) for k in q_before)
+
+
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_merge_and_unload_gives_the_plain_quantized_model(saved, quant):
     model = msplora.inject(load(saved, "llama", quant), config("llama"))

@@ -15,6 +15,7 @@ from msplora.inject.injection import inject
 from msplora.inject.targets import _build_bank, _plan, target_layout
 from msplora.io import atomic_dir, read_json
 from msplora.layers import MSPLoRABank
+from msplora.quant import warn_requantized
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -166,6 +167,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     _copy_in(model, state)
     for layer in merged:
         layer.merge()
+    # a quantized base merged again with the new delta was rounded again: say so, as merge does
+    warn_requantized([(f"{x.kind} layer {x.layer_id}", x.merge_error) for x in merged if x.quantized])
     return model
 
 
