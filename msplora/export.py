@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from msplora.config import ConfigError
-from msplora.inject import _atomic_dir, _modules_to_save, get_bank, wrapped_layers
+from msplora.inject import get_bank, modules_to_save_of, wrapped_layers
+from msplora.io import atomic_dir
 
 __all__ = ["PUBLIC_NAMES", "export_peft", "lora_view", "public_model_name", "save_plain", "task_type_of"]
 
@@ -163,7 +164,7 @@ def lora_view(
                     f"model: {name} is a peft {type(mod).__name__}, which a LoRA folder made here cannot carry. "
                     "Fix: export a model without it"
                 )
-    heads += _modules_to_save(model, bank.config)
+    heads += modules_to_save_of(model, bank.config)
     merged = [f"{layer.kind} at layer {layer.layer_id}" for _, layer in layers if layer.merged]
     if merged:
         raise ConfigError(
@@ -220,11 +221,9 @@ def export_peft(model: nn.Module, path: str | Path, base_model: str | None = Non
         for pname, p in mod.named_parameters():
             state[f"base_model.model.{mname}.{pname}"] = p.detach().cpu().contiguous()
 
-    def write(d: Path) -> None:
+    with atomic_dir(path) as d:  # never a half-written export
         lora.save_pretrained(str(d))
         save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-    _atomic_dir(Path(path), write)
     return Path(path)
 
 
@@ -236,10 +235,8 @@ def save_plain(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
             "model: still carries an MSPLoRA adapter. Fix: plain = msplora.merge_and_unload(model), then save plain"
         )
 
-    def write(d: Path) -> None:
+    with atomic_dir(path) as d:
         model.save_pretrained(str(d))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))
-
-    _atomic_dir(Path(path), write)
     return Path(path)

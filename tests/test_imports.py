@@ -196,3 +196,28 @@ def test_the_core_imports_no_training_search_ablation_analysis_or_peft(module):
     assert module in graph, f"FLOORS names {module}, which is not in msplora/"
     bad = [t for t in graph[module] if t.split(".")[1:2] and t.split(".")[1] in NAMED]
     assert bad == []
+
+
+def _room(module: str) -> str:
+    """A module's room: ``msplora.<first part>`` (a package with its submodules, or one file)."""
+    return ".".join(module.split(".")[:2])
+
+
+def underscored_imports_across_rooms(root: Path = PACKAGE) -> list[str]:
+    """``from msplora.X... import _name`` written in another room than X's: a private name used
+    through a seam (a room's underscored names are its own business)."""
+    modules = _modules(root)
+    out = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("msplora"):
+                continue
+            for a in node.names:
+                private = a.name.startswith("_") and not a.name.startswith("__")
+                if private and _room(node.module) != _room(name):
+                    out.append(f"{name}: from {node.module} import {a.name}")
+    return out
+
+
+def test_no_room_imports_another_rooms_underscored_names():
+    assert underscored_imports_across_rooms() == []

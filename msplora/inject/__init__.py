@@ -20,11 +20,9 @@ Modules (each imports only those above it)::
 from __future__ import annotations
 
 from msplora.inject.adapted import (
-    _guard_save_pretrained,
-    _modules_to_save,
     _SavePretrainedRefusal,
-    _set_module,
     get_bank,
+    modules_to_save_of,
     release_save_guard,
     wrapped_layers,
 )
@@ -32,8 +30,6 @@ from msplora.inject.files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     FORMAT_VERSION,
-    _atomic_dir,
-    _copy_in,
     adapter_state_dict,
     load_adapter,
     read_adapter_config,
@@ -52,8 +48,8 @@ from msplora.inject.reports import (
 from msplora.inject.targets import BLOCK_PATTERN, Target, find_targets, target_layout
 from msplora.layers import PREFIX
 
-# The underscored names are used by msplora.peft and msplora.export (one implementation, several
-# doors); _SavePretrainedRefusal also by pickles of adapted models made before this was a package.
+# _SavePretrainedRefusal stays importable from here for pickles of adapted models made before this
+# was a package; no other module outside inject/ uses an underscored name of it.
 __all__ = [
     "ADAPTER_CONFIG",
     "BLOCK_PATTERN",
@@ -62,11 +58,7 @@ __all__ = [
     "PREFIX",
     "Target",
     "_SavePretrainedRefusal",
-    "_atomic_dir",
-    "_copy_in",
-    "_guard_save_pretrained",
-    "_modules_to_save",
-    "_set_module",
+    "modules_to_save_of",
     "adapter_parameters",
     "adapter_state_dict",
     "disable_adapters",

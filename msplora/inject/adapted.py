@@ -29,7 +29,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _modules_to_save(model: nn.Module, config: MSPLoRAConfig) -> list[tuple[str, nn.Module]]:
+def modules_to_save_of(model: nn.Module, config: MSPLoRAConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module ``config.modules_to_save`` names in ``model`` (trained whole)."""
     out = []
     for want in config.modules_to_save:
         hits = [(n, m) for n, m in model.named_modules() if n == want or n.endswith("." + want)]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from msplora.config import ConfigError, MSPLoRAConfig
-from msplora.inject.adapted import _modules_to_save, get_bank, wrapped_layers
+from msplora.inject.adapted import get_bank, modules_to_save_of, wrapped_layers
 from msplora.inject.injection import inject
 from msplora.inject.targets import _build_bank, _plan, target_layout
 from msplora.io import atomic_dir, read_json
@@ -45,7 +45,7 @@ def _adapter_tensors(model: nn.Module, bank: MSPLoRABank) -> dict[str, torch.Ten
             a, b = kb.level_block(k)
             state[f"{lv.name}.{kind}.A"] = a
             state[f"{lv.name}.{kind}.B"] = b
-    for name, mod in _modules_to_save(model, bank.config):
+    for name, mod in modules_to_save_of(model, bank.config):
         for pname, p in mod.named_parameters():
             state[f"modules_to_save.{name}.{pname}"] = p
     return state
@@ -179,6 +179,6 @@ def _copy_in(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             a, b = kb.level_block(k)  # views into A and B
             a.copy_(state[f"{lv.name}.{kind}.A"])
             b.copy_(state[f"{lv.name}.{kind}.B"])
-    for name, mod in _modules_to_save(model, bank.config):
+    for name, mod in modules_to_save_of(model, bank.config):
         for pname, p in mod.named_parameters():
             p.data.copy_(state[f"modules_to_save.{name}.{pname}"])

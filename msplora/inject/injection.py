@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from msplora.config import ConfigError, MSPLoRAConfig
-from msplora.inject.adapted import _guard_save_pretrained, _modules_to_save, _set_module, get_bank, wrapped_layers
+from msplora.inject.adapted import _guard_save_pretrained, _set_module, get_bank, modules_to_save_of, wrapped_layers
 from msplora.inject.merging import unmerge
 from msplora.inject.targets import Target, _build_bank, _plan
 from msplora.layers import PREFIX, MSPLoRALinear
@@ -27,7 +27,7 @@ def inject(model: nn.Module, config: MSPLoRAConfig) -> nn.Module:
     plan = _plan(model, config)
     # budget_of -> ranks for this model (a resolved copy; the bank keeps it, saves it)
     config = config.resolve_budget({kind: (len(ts), *ts[0].shape) for kind, ts in plan.items()})
-    save_modules = _modules_to_save(model, config)
+    save_modules = modules_to_save_of(model, config)
     bank = _build_bank(plan, config)
     bank.train(model.training)
     was_trainable = {p: p.requires_grad for p in model.parameters()}  # Parameter hashes by identity
