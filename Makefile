@@ -67,12 +67,19 @@ ABL_OPTS = --task $(TASK) $(if $(CONFIG),--config $(CONFIG)) $(ABL_COMMON)
 # The embedded task never needs the hubs; a GLUE task or your own config/ARGS may (hub model names).
 HUB_MODE = $(if $(or $(CONFIG),$(ARGS),$(filter-out sentiment,$(TASK))),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
-.PHONY: ablation ablations ablation-report
+PLAN ?= mrpc
+WORKERS ?= 1
+STATUS ?=
+
+.PHONY: ablation ablations ablation-report ablation-plan
 ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 SELECTION_SEEDS=1 STEPS= CONFIG= ROOT= ARGS="--trainer.x=y"]
 	$(HUB_MODE) $(PY) -m msplora.ablation run $(NAME) $(ABL_OPTS) -- $(ARGS)
 
 ablations: install ## run every variant in ablations/
 	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
+
+ablation-plan: install ## work on a plan (ablations/plans/PLAN.yaml) until done, then its report: make ablation-plan PLAN=mrpc [WORKERS=2 ROOT= STATUS=1]
+	$(PY) -m msplora.ablation plan $(PLAN) --workers $(WORKERS) $(ROOT_OPT) $(if $(STATUS),--status)
 
 ablation-report: install ## table, paired verdicts (markdown + JSON) and PNG: [TASK= BASELINE=lora_budget MARGIN=1 COMPARE="a:b c:d" ROOT=]
 	$(PY) -m msplora.ablation report --task $(TASK) $(REPORT_OPTS)

@@ -150,43 +150,6 @@ def test_task_that_disagrees_with_the_config_is_refused(tmp_path, tiny_bert_dir)
 
 
 # -- the runner's bookkeeping, with a fake fit (fast) -------------------------------------------------
-class _InterruptOnFloat:
-    """Not JSON: the writer's ``default=float`` converts it, and that raises, after the fields before it are written."""
-
-    def __float__(self):
-        raise KeyboardInterrupt
-
-
-@pytest.fixture
-def fake_fit(monkeypatch):
-    calls: list[tuple[float, int]] = []
-    fail_at: dict = {}
-
-    def fit_and_test(recipe, lr, seed, run_dir):
-        if (lr, seed) == fail_at.get("at"):
-            raise KeyboardInterrupt
-        calls.append((lr, seed))
-        # interrupted while its seed file is being written: the last field's float() raises mid-dump
-        wall = _InterruptOnFloat() if (lr, seed) == fail_at.get("write_at") else 1.0
-        return {
-            "task": "sentiment",
-            "metric": "accuracy",
-            "val": fail_at["val_of"](lr, seed)
-            if "val_of" in fail_at
-            else fail_at.get("vals", {1e-3: 0.7, 2e-3: 0.8, 4e-3: 0.75})[lr],
-            "test": 0.5 + seed / 100,
-            "lr": lr,
-            "seed": seed,
-            "levels": "G8 M4x3 L2",
-            "adapter_params": 100,
-            "lora_r8_adapter_params": 150,
-            "wall_time_s": wall,
-        }
-
-    monkeypatch.setattr(ablation.runner, "fit_and_test", fit_and_test)  # where run_variant looks it up
-    return calls, fail_at
-
-
 S = ablation.SELECTION_SEED  # the seed that chooses the LR; reported seeds are 0..n-1
 
 

@@ -304,6 +304,15 @@ CASES = [
     Case("ablation_no_names", cmd(*ABLATION), "give variant names or --all"),
     Case("ablation_config_missing", cmd(*ABLATION, "full", "--config", "{root}/none.yaml"), "no such file"),
     Case(
+        "ablation_plan_unknown",
+        cmd("ablation", "plan", "no_such_plan", "--root", "{out}"),
+        "unknown plan 'no_such_plan'",
+    ),
+    Case("ablation_plan_missing_file", cmd("ablation", "plan", "{root}/none.yaml"), "no such file"),
+    Case(
+        "ablation_plan_workers_0", cmd("ablation", "plan", "mrpc", "--workers", "0", "--root", "{out}"), "--workers 0"
+    ),
+    Case(
         "ablation_config_missing_names_the_tasks_configs",
         cmd(*ABLATION, "full", "--task", "rte", "--config", "{root}/configs/minilm/rte.yml"),
         "rte.yml: no such file",

@@ -25,12 +25,15 @@ again if the chosen LR moves).
 Modules, one concern each: ``variants`` (the overlays, task configs and paths), ``recipe`` (what
 one run is made of), ``signature`` (when a finished result counts), ``runner`` (fit + test, the
 LR sweep, a variant's seeds), ``stats`` (paired comparisons and verdicts), ``table`` (the report:
-markdown table, comparisons, JSON, PNG) and ``cli`` (``main``).
+markdown table, comparisons, JSON, PNG), ``plan`` (a comparison's runs written down before they
+start, ``ablations/plans/``, worked on by any number of workers), ``claims`` (one worker per run
+when workers share a results folder) and ``cli`` (``main``).
 
 Usage (see the Makefile)::
 
     python -m msplora.ablation run NAME [NAME ...] | --all [--task T] [--seeds N]
         [--lrs "a b c"] [--config C] [--steps S] [--root DIR] -- EXTRA_CLI_OVERRIDES
+    python -m msplora.ablation plan PLAN [--workers N] [--threads K] [--root DIR] [--status]
     python -m msplora.ablation report [--task T] [--root DIR] [--baseline V] [--margin POINTS]
         [--compare A:B ...]
 """

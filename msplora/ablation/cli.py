@@ -5,6 +5,7 @@ Checks every argument before anything runs, then hands over to the runner and th
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -83,8 +84,22 @@ def main(argv: list[str] | None = None) -> None:
         metavar="A:B",
         help="also compare A against B (repeatable), e.g. --compare pyramid_small:lora_r2",
     )
+    pl = sub.add_parser(
+        "plan",
+        help="work on a plan (ablations/plans/NAME.yaml or a file) until its runs are done, then its report",
+    )
+    pl.add_argument("plan", metavar="PLAN", help="plan name (ablations/plans/) or path")
+    pl.add_argument("--root", type=Path, default=RESULTS, help="results root (shared by every worker)")
+    pl.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    pl.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores // workers)")
+    pl.add_argument("--status", action="store_true", help="print what is done, running and left, and stop")
+    pl.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    pl.add_argument("--worker-id", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
+    if a.cmd == "plan":
+        plan_command(a)
+        return
     if a.cmd == "report":
         pairs = []
         for spec in a.compare:
@@ -140,3 +155,28 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"[suite] {n} finished; {time.perf_counter() - t0:.0f} s so far", flush=True)
     print(report(a.task, a.root))
+
+
+def plan_command(a) -> None:
+    from msplora.ablation.plan import load_plan, run_workers, status, work
+
+    plan = load_plan(a.plan)  # checked whole before anything runs
+    if a.status:
+        print(status(plan, a.root))
+        return
+    if a.workers < 1 or (a.threads is not None and a.threads < 1):
+        raise AblationError(f"--workers {a.workers} / --threads {a.threads}: need 1 or more. Fix: e.g. --workers 2")
+    if a.workers > 1:
+        code = run_workers(a.plan, a.workers, a.root, a.threads)
+        if code:
+            raise SystemExit(code)
+    else:
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
+        tag = f"[w{a.worker_id}] " if a.worker_id is not None else ""
+        work(plan, a.root, log=lambda line: print(tag + line, flush=True))
+    if not a.no_report:
+        print(report(plan.task, a.root, plan.baseline, plan.margin, list(plan.compare)))
+        print(status(plan, a.root))

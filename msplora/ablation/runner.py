@@ -20,6 +20,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from msplora.ablation.claims import Busy, claim
 from msplora.ablation.recipe import Recipe, base_recipe, parse
 from msplora.ablation.signature import PROTOCOL, read_result, run_signature
 from msplora.ablation.variants import (
@@ -128,7 +129,14 @@ def run_variant(
     log=print,
     extend: int = 0,
     selection_seeds: int = 1,
+    claims: bool = False,
 ) -> list[dict]:
+    """Sweep, choose the LR, run the reported seeds; returns the reported seeds' records.
+
+    ``claims``: several workers share the results folder (:mod:`msplora.ablation.claims`): each run
+    is claimed first, and one another worker holds is left to it. A selection run held elsewhere
+    raises :class:`~msplora.ablation.claims.Busy` at once (the LR cannot be chosen yet); reported
+    seeds held elsewhere are passed over, and Busy is raised once the others are done."""
     overlay = variant_path(name, folder)
     cfg = task_config(task, config)
     recipe = base_recipe(overlay, cfg, steps, extra)
@@ -156,6 +164,17 @@ def run_variant(
         if rec is not None:
             log(f"[{name}] lr={lr_tag(lr)} seed={seed}: done before ({rec['test']:.4f}), skipped")
             return rec
+        if claims:
+            try:
+                with claim(path):
+                    rec = read_result(path, signature, lr, seed)  # finished elsewhere meanwhile?
+                    return rec if rec is not None else run_new(lr, seed, path)
+            except Busy:
+                log(f"[{name}] lr={lr_tag(lr)} seed={seed}: another worker runs it")
+                raise
+        return run_new(lr, seed, path)
+
+    def run_new(lr: float, seed: int, path: Path) -> dict:
         log(f"[{name}] lr={lr_tag(lr)} seed={seed}: running")
         rec = fit_and_test(recipe, lr, seed, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
         rec.update(
@@ -193,12 +212,18 @@ def run_variant(
         "lr_sweep": {lr_tag(r["lr"]): r["val"] for r in sweep},
         "selection_seeds": [] if head_only else chosen_by,
     }
-    records = []
+    records, held = [], []
     for seed in range(seeds):  # done before at the same LR counts; a seed run at an LR no longer chosen is redone
         path = out / f"seed{seed}.json"
-        rec = run_one(best["lr"], seed, path)
+        try:
+            rec = run_one(best["lr"], seed, path)
+        except Busy:
+            held.append(seed)
+            continue
         if {k: rec.get(k) for k in selection} != selection:  # the grid may have grown since it ran
             rec.update(selection)
             write_json_atomic(path, rec)
         records.append(rec)
+    if held:
+        raise Busy(f"{name}: seeds {held} are held by other workers")
     return records

@@ -1,0 +1,246 @@
+"""Plans: a comparison's runs written down before they start (arms, seeds, LR grid, margin, the
+key comparisons), and run by any number of workers that share the results folder.
+
+    ablations/plans/<name>.yaml          the plan (docs/protocol.md says why each value)
+    msplora ablation plan NAME           work on it until every run is done, then the report
+        --workers N                      N local worker processes, cores split between them
+        --status                         what is done, what is running where, what is left
+
+A worker goes in rounds: every arm up to ``round`` reported seeds, then up to 2 x ``round``, ...
+up to ``seeds``, so the arms stay level and an interrupted plan leaves comparable arms behind;
+``fixed`` arms (e.g. ``head_only: 3``) come after the first round. Each run is claimed
+(:mod:`msplora.ablation.claims`), so workers on other processes, GPUs or machines pointed at the
+same results folder share the plan without running anything twice: a run another worker holds is
+left to it, an arm whose LR is still being selected elsewhere is passed over for now, and a
+worker with nothing left but other workers' runs waits for them (their runs may fail), then ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from msplora.ablation.claims import SUFFIX, Busy, holder
+from msplora.ablation.runner import DEFAULT_EXTEND, EMBEDDED_STEPS, SELECTION_SEED, run_variant
+from msplora.ablation.variants import (
+    ABLATIONS,
+    CONFIGS,
+    RESULTS,
+    AblationError,
+    is_embedded,
+    variant_names,
+    variant_path,
+)
+
+PLANS = ABLATIONS / "plans"
+POLL_S = 30.0  # how often a worker with only other workers' runs left looks again
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str
+    task: str
+    arms: tuple[str, ...]
+    seeds: int
+    config: str | None = None
+    round: int = 2
+    fixed: dict[str, int] = dataclasses.field(default_factory=dict)  # arm -> its own seed count
+    lrs: tuple[float, ...] | None = None
+    extend: int = DEFAULT_EXTEND
+    selection_seeds: int = 1
+    baseline: str | None = None
+    margin: float = 1.0
+    compare: tuple[tuple[str, str], ...] = ()
+    extra: tuple[str, ...] = ()  # CLI overrides for every run
+    steps: int | None = None  # training steps per run (None: the config's epochs; the embedded task: EMBEDDED_STEPS)
+
+    def targets(self) -> list[tuple[str, int]]:
+        """(arm, reported seeds wanted), in the order a worker takes them."""
+        out = []
+        n = 0
+        while n < self.seeds:
+            n = min(n + self.round, self.seeds)
+            out += [(arm, n) for arm in self.arms]
+            if n == min(self.round, self.seeds):
+                out += list(self.fixed.items())
+        return out
+
+
+FIELDS = {f.name for f in dataclasses.fields(Plan)} - {"name"}
+
+
+def plan_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise AblationError(f"plan {name_or_path}: no such file. Fix: give a plan file or a name in {PLANS}")
+        return path
+    path = PLANS / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PLANS.glob("*.yaml"))
+        raise AblationError(f"unknown plan {name_or_path!r}. Fix: use one of {', '.join(known)} or a plan file path")
+    return path
+
+
+def load_plan(name_or_path: str) -> Plan:
+    """The plan, every value checked (one line naming the bad one)."""
+    path = plan_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise AblationError(f"{path}: not valid YAML ({str(e).splitlines()[0]}). Fix: correct the file") from None
+    if not isinstance(raw, dict):
+        raise AblationError(f"{path}: not a mapping of plan keys. Fix: write task:, arms:, seeds: ...")
+
+    def bad(key: str, why: str) -> AblationError:
+        return AblationError(f"{path}: {key}: {why}")
+
+    unknown = sorted(set(raw) - FIELDS)
+    if unknown:
+        raise bad(unknown[0], f"not a plan key. Fix: use {', '.join(sorted(FIELDS))}")
+    for key in ("task", "arms", "seeds"):
+        if key not in raw:
+            raise bad(key, "missing. Fix: every plan names task, arms and seeds")
+    arms = raw["arms"]
+    if not isinstance(arms, list) or not arms or not all(isinstance(a, str) for a in arms):
+        raise bad("arms", "need a list of variant names. Fix: e.g. arms: [full, lora]")
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict) or not all(isinstance(v, int) and v >= 1 for v in fixed.values()):
+        raise bad("fixed", "need arm: seeds pairs. Fix: e.g. fixed: {head_only: 3}")
+    for arm in [*arms, *fixed]:
+        if arm not in variant_names():
+            raise bad("arms", f"unknown ablation {arm!r}. Fix: use one of {', '.join(variant_names())}")
+    ints = {
+        "seeds": (1, SELECTION_SEED),
+        "round": (1, SELECTION_SEED),
+        "extend": (0, 100),
+        "selection_seeds": (1, 100),
+        "steps": (1, 10**9),
+    }
+    for key, (lo, hi) in ints.items():
+        if key in raw and not (isinstance(raw[key], int) and lo <= raw[key] <= hi):
+            raise bad(key, f"{raw[key]!r} is not a whole number from {lo} to {hi}")
+    lrs = raw.get("lrs")
+    if lrs is not None:
+        try:
+            lrs = tuple(float(x) for x in lrs)
+        except (TypeError, ValueError):
+            raise bad("lrs", f"{lrs!r} is not a list of numbers. Fix: e.g. lrs: [1e-3, 2e-3, 4e-3]") from None
+        if not lrs or any(x <= 0 for x in lrs):
+            raise bad("lrs", "need positive learning rates")
+    pairs = []
+    for spec in raw.get("compare") or []:
+        a, sep, b = str(spec).partition(":")
+        if not (sep and a in [*arms, *fixed] and b in [*arms, *fixed]):
+            raise bad("compare", f"{spec!r} is not A:B of two of the plan's arms. Fix: e.g. full:lora")
+        pairs.append((a, b))
+    margin = raw.get("margin", 1.0)
+    if not isinstance(margin, (int, float)) or margin <= 0:
+        raise bad("margin", f"{margin!r} is not a positive number of points")
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in [*arms, *fixed]:
+        raise bad("baseline", f"{baseline!r} is not one of the plan's arms")
+    extra = raw.get("extra") or []
+    if not isinstance(extra, list) or not all(isinstance(x, str) and x.startswith("--") for x in extra):
+        raise bad("extra", "need a list of --key=value overrides")
+    config = raw.get("config")
+    if config is not None and not Path(config).is_file() and (CONFIGS.parent / config).is_file():
+        config = str(CONFIGS.parent / config)  # relative to the checkout (or the wheel's resources)
+    return Plan(
+        name=path.stem,
+        task=str(raw["task"]),
+        arms=tuple(arms),
+        seeds=raw["seeds"],
+        config=config,
+        round=raw.get("round", 2),
+        fixed=dict(fixed),
+        lrs=lrs,
+        extend=raw.get("extend", DEFAULT_EXTEND),
+        selection_seeds=raw.get("selection_seeds", 1),
+        baseline=baseline,
+        margin=float(margin),
+        compare=tuple(pairs),
+        extra=tuple(extra),
+        steps=raw.get("steps", EMBEDDED_STEPS if is_embedded(str(raw["task"]), config) else None),
+    )
+
+
+def work(plan: Plan, root: Path = RESULTS, log: Callable[[str], None] = print, poll: float = POLL_S) -> None:
+    """One worker: take the plan's runs in order until none is left; runs other workers hold are
+    left to them, and waited for at the end (one of them may fail and come back to the pool)."""
+    for arm in [*plan.arms, *plan.fixed]:
+        variant_path(arm)
+    while True:
+        waiting = []
+        for arm, seeds in plan.targets():
+            try:
+                run_variant(
+                    arm,
+                    plan.task,
+                    seeds,
+                    list(plan.lrs) if plan.lrs else None,
+                    plan.config,
+                    plan.steps,
+                    list(plan.extra),
+                    root=root,
+                    log=log,
+                    extend=plan.extend,
+                    selection_seeds=plan.selection_seeds,
+                    claims=True,
+                )
+            except Busy:
+                waiting.append(arm)
+        if not waiting:
+            return
+        log(
+            f"[plan {plan.name}] other workers hold runs of {', '.join(sorted(set(waiting)))}: looking again in {poll:.0f} s"
+        )
+        time.sleep(poll)
+
+
+def status(plan: Plan, root: Path = RESULTS) -> str:
+    """Per arm: selection runs and reported seeds finished (files present), runs claimed now and by whom."""
+    rows = [f"plan {plan.name}: task {plan.task}, {plan.seeds} reported seeds per arm (results: {root / plan.task})"]
+    rows.append(f"  {'arm':<16s} {'selection':>9s} {'reported':>9s}  running")
+    for arm in [*plan.arms, *plan.fixed]:
+        out = root / plan.task / arm
+        want = plan.fixed.get(arm, plan.seeds)
+        sweep = len(list((out / "lr_sweep").glob("*.json"))) if (out / "lr_sweep").is_dir() else 0
+        done = sum((out / f"seed{k}.json").is_file() for k in range(want))
+        running = []
+        for lock in sorted(out.rglob(f"*{SUFFIX}")) if out.is_dir() else []:
+            info = holder(lock) or {}
+            running.append(f"{lock.name[: -len(SUFFIX)]} ({info.get('host', '?')}:{info.get('pid', '?')})")
+        rows.append(f"  {arm:<16s} {sweep:>9d} {done:>5d}/{want:<3d}  {', '.join(running) or '-'}")
+    return "\n".join(rows)
+
+
+def run_workers(name_or_path: str, workers: int, root: Path, threads: int | None) -> int:
+    """``workers`` local worker processes of this plan, cores split between them (``threads`` each;
+    default: cores // workers, at least 1); returns the first failing exit status, else 0."""
+    cores = os.cpu_count() or 1
+    each = threads or max(1, cores // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(each), "MKL_NUM_THREADS": str(each)}
+    cmd = [sys.executable, "-m", "msplora.ablation", "plan", name_or_path, "--root", str(root), "--no-report"]
+    procs = [subprocess.Popen([*cmd, "--worker-id", str(i)], env=env) for i in range(workers)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return next((c for c in codes if c != 0), 0)
