@@ -230,7 +230,8 @@ def run_workers(name_or_path: str, workers: int, root: Path, threads: int | None
     each = threads or max(1, cores // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(each), "MKL_NUM_THREADS": str(each)}
     cmd = [sys.executable, "-m", "msplora.ablation", "plan", name_or_path, "--root", str(root), "--no-report"]
-    procs = [subprocess.Popen([*cmd, "--worker-id", str(i)], env=env) for i in range(workers)]
+    # own sessions: a terminal's Ctrl-C reaches them once, through forward(), not twice
+    procs = [subprocess.Popen([*cmd, "--worker-id", str(i)], env=env, start_new_session=True) for i in range(workers)]
 
     def forward(signum, _frame):
         for p in procs:
