@@ -178,18 +178,36 @@ def scale_level_steps(optimizer: torch.optim.Optimizer, bank: MSPLoRABank) -> li
             f"scale_level_steps: adapter tensors of shape {missing} are not in this optimizer. "
             "Fix: build the optimizer over the model's trainable parameters first"
         )
+    # Under FSDP the bank's tensors are sharded (DTensors): each rank rescales its own shard with
+    # the matching part of the multiplier, so no step gathers anything.
+    local = [(_local(p), _local_like(m.to(dtype=p.dtype, device=p.device), p)) for p, m in pairs]
     before: list[torch.Tensor] = []
 
     def snapshot(opt, args, kwargs) -> None:
-        before[:] = [p.detach().clone() for p, _ in pairs]
+        before[:] = [p.detach().clone() for p, _ in local]
 
     @torch.no_grad()
     def rescale(opt, args, kwargs) -> None:
-        for (p, m), old in zip(pairs, before):
-            p.copy_(old.addcmul_(p - old, m.to(p)))  # theta + c * (theta_new - theta)
+        for (p, m), old in zip(local, before):
+            p.copy_(old.addcmul_(p - old, m))  # theta + c * (theta_new - theta)
         before.clear()
 
     return [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(rescale)]
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the parameter), else ``p``."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _local_like(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``m`` (broadcastable to ``p``) cut as ``p`` is sharded: the part that meets this rank's shard."""
+    if not hasattr(p, "to_local"):
+        return m
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = m.expand(p.shape).contiguous()
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 class MSPLoRALinear(nn.Module):

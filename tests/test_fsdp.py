@@ -90,18 +90,23 @@ FSDP = ["--trainer.devices=2", "--trainer.strategy=msplora_fsdp"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_fsdp_two_ranks_train_what_one_process_trains(tmp_path, bert_no_dropout, quantize):
+@pytest.mark.parametrize(
+    "setting", [[], ["--model.quantize=nf4"], ["--model.pyramid.lr_rule=layers"]], ids=["plain", "nf4", "level_lr"]
+)
+def test_fsdp_two_ranks_train_what_one_process_trains(tmp_path, bert_no_dropout, setting):
     """SST-2 layout, 32 equal-length rows, 2 epochs x 2 steps: 2 FSDP ranks x 8 == 1 process x 16,
     adapter and head within 1e-5 (measured ~2.4e-7: float summation order). The FSDP run also
     checkpoints its activations, as the 13B/70B recipes do (it must not change the numbers).
     ``nf4``: QLoRA under FSDP (every rank reads the 4-bit base; FSDP shards the packed bytes and
-    bitsandbytes finds each weight's quantization state again after the all-gather)."""
+    bitsandbytes finds each weight's quantization state again after the all-gather).
+    ``level_lr``: per-level learning rates (a cell serving n layers steps 1/n as far), applied to
+    each rank's shard of the bank."""
+    quantize = "--model.quantize=nf4" in setting
     if quantize:
         pytest.importorskip("bitsandbytes")
     data = write_glue_task(tmp_path / "glue", "sst2", n_train=32, n_dev=8)
     args = [
-        *([f"--model.quantize={quantize}"] if quantize else []),
+        *setting,
         "--config",
         str(CONFIGS / "base.yaml"),
         f"--model.model={bert_no_dropout}",

@@ -177,11 +177,6 @@ class PyramidFSDPStrategy(ModelParallelStrategy):
                 f"trainer.strategy={STRATEGY_NAME}: the LightningModule has no built `model` after configure_model. "
                 "Fix: use MSPLoRAModule (or build self.model in configure_model)"
             )
-        if msplora.get_bank(model).lr_multipliers():
-            raise msplora.ConfigError(
-                f"trainer.strategy={STRATEGY_NAME}: per-level learning rates (lr_scale / lr_rule) rescale rows of "
-                "sharded tensors, which is not supported under FSDP. Fix: train every level at lr, or use ddp"
-            )
         if not is_sharded(model):
             dtype = getattr(torch, self.param_dtype) if self.param_dtype else None
             # Ranks other than 0 may hold a meta-device skeleton of the base (MSPLoRAModule builds
