@@ -87,7 +87,7 @@ def test_undecided_says_how_many_seeds_more_or_that_seeds_will_not_do():
         "accuracy",
     )
     assert c.verdict == "undecided" and c.more_seeds is not None and c.more_seeds > 0
-    assert f"about {c.more_seeds} more seeds" in c.describe()
+    assert f"about {c.more_seeds} more seed" in c.describe()
     assert c.mde > abs(c.diff)  # not detectable at this n, which is why it is undecided
     # no seed noise at all and 40 examples: the dev set's own noise keeps the CI wider than any margin
     tiny = rng.integers(0, 2, 40)

@@ -232,4 +232,4 @@ def describe(c: Comparison) -> str:
         return (
             f"undecided (CI {pts(c.ci_low)}..{pts(c.ci_high)}; more seeds will not decide it: the dev set is too small)"
         )
-    return f"undecided (about {c.more_seeds} more seeds)"
+    return f"undecided (about {c.more_seeds} more seed{'' if c.more_seeds == 1 else 's'})"
