@@ -58,6 +58,19 @@ def test_the_shipped_mrpc_plan_is_the_protocol_s():
     assert load_plan("stsb").arms == ("full", "lora", "lora_budget")
 
 
+def test_the_shipped_mrpc_plan_continues_the_committed_runs():
+    """The plan signs its runs as the committed MRPC results were signed, so it skips them."""
+    import dataclasses
+
+    plan = load_plan("mrpc")
+    stored = json.loads((REPO / "results/ablations/mrpc/full/seed0.json").read_text())
+    recipe = ablation.base_recipe(
+        ablation.variant_path("full"), ablation.task_config("mrpc", plan.config), plan.steps, list(plan.extra)
+    )
+    recipe = dataclasses.replace(recipe, overrides={**recipe.overrides, "model.head_lr": stored["head_lr"]})
+    assert ablation.run_signature(recipe) == stored["signature"]
+
+
 def test_targets_go_in_rounds_with_the_fixed_arms_after_the_first(tmp_path, tiny_bert_dir):
     plan = small_plan(tmp_path, tiny_bert_dir)
     assert plan.targets() == [("full", 2), ("lora", 2), ("head_only", 1), ("full", 3), ("lora", 3)]
