@@ -44,6 +44,7 @@ from torch import nn
 from msplora.config import ConfigError, Level
 from msplora.pyramid import cell_lr_multipliers, cell_of_layer, n_cells
 from msplora.quant import dequantize, is_quantized, merge_weight, restore_weight, snapshot
+from msplora.sharding import local_part, local_slice
 
 PREFIX = "msplora_bank"  # every adapter parameter's name starts with this (STYLE principle 7)
 
@@ -180,7 +181,7 @@ def scale_level_steps(optimizer: torch.optim.Optimizer, bank: MSPLoRABank) -> li
         )
     # Under FSDP the bank's tensors are sharded (DTensors): each rank rescales its own shard with
     # the matching part of the multiplier, so no step gathers anything.
-    local = [(_local(p), _local_like(m.to(dtype=p.dtype, device=p.device), p)) for p, m in pairs]
+    local = [(local_part(p), local_slice(m.to(dtype=p.dtype, device=p.device), p)) for p, m in pairs]
     before: list[torch.Tensor] = []
 
     def snapshot(opt, args, kwargs) -> None:
@@ -193,21 +194,6 @@ def scale_level_steps(optimizer: torch.optim.Optimizer, bank: MSPLoRABank) -> li
         before.clear()
 
     return [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(rescale)]
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: writing it writes the parameter), else ``p``."""
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
-def _local_like(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``m`` (broadcastable to ``p``) cut as ``p`` is sharded: the part that meets this rank's shard."""
-    if not hasattr(p, "to_local"):
-        return m
-    from torch.distributed.tensor import distribute_tensor
-
-    whole = m.expand(p.shape).contiguous()
-    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 class MSPLoRALinear(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -30,3 +31,19 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.reshard()
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the parameter), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_slice(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` (broadcastable to ``like``) cut as ``like`` is sharded: the part that meets this
+    rank's shard, with no communication; ``whole`` itself when ``like`` is not a DTensor."""
+    if not hasattr(like, "to_local"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    full = whole.expand(like.shape).contiguous()
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()

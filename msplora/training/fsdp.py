@@ -38,7 +38,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
 import msplora
-from msplora.sharding import is_sharded, unsharded  # noqa: F401 (re-exported)
+from msplora.sharding import is_sharded, local_part, local_slice, unsharded  # noqa: F401 (re-exported)
 
 STRATEGY_NAME = "msplora_fsdp"
 
@@ -101,7 +101,6 @@ def load_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor] | None, dev
     on rank 0, instead of one per rank. All ranks first check that they hold the same names,
     shapes and dtypes, and all refuse together if not."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     if rank == 0 and any(t.is_meta for t in whole.values()):
         raise RuntimeError("load_from_rank0: rank 0 holds meta tensors; it must load the real weights")
@@ -124,10 +123,7 @@ def load_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor] | None, dev
                 whole[name].to(device).contiguous() if rank == 0 else torch.empty(t.shape, dtype=t.dtype, device=device)
             )
             dist.broadcast(full, src=0)
-            if isinstance(t, DTensor):
-                t.to_local().copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None).to_local())
-            else:
-                t.copy_(full)
+            local_part(t).copy_(local_slice(full, t))  # a DTensor's shard, or the whole buffer
 
 
 class PyramidFSDPStrategy(ModelParallelStrategy):
