@@ -219,9 +219,19 @@ def test_a_worker_waits_for_runs_held_elsewhere_and_takes_them_if_they_come_back
     root = tmp_path / "results"
     held = root / "sentiment" / "full" / "seed0.json"
     hold(held)
-    threading.Timer(0.3, lambda: claim_path(held).unlink()).start()  # that worker dies
-    work(plan, root, log=lambda *_: None, poll=0.1)
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if "looking again" in line:  # that worker dies a few passes after this one starts waiting
+            threading.Timer(1.5, lambda: claim_path(held).unlink(missing_ok=True)).start()
+
+    work(plan, root, log=log, poll=0.1)
     assert (2e-3, 0) in calls and held.is_file()
+    # several passes, each line once: the sweep's "done before", the held seed, the wait
+    assert sum("looking again" in x for x in lines) == 1 and any("done before" in x for x in lines)
+    assert sum("another worker runs it" in x for x in lines) == 1
+    assert len(lines) == len(set(lines)) and any(x.endswith("seed=0: running") for x in lines)
 
 
 def test_plan_command_status(tmp_path, capsys):

@@ -178,6 +178,7 @@ def work(plan: Plan, root: Path = RESULTS, log: Callable[[str], None] = print, p
     left to them, and waited for at the end (one of them may fail and come back to the pool)."""
     for arm in [*plan.arms, *plan.fixed]:
         variant_path(arm)
+    log = _each_line_once(log)
     while True:
         waiting = []
         for arm, seeds in plan.targets():
@@ -204,6 +205,20 @@ def work(plan: Plan, root: Path = RESULTS, log: Callable[[str], None] = print, p
             f"[plan {plan.name}] other workers hold runs of {', '.join(sorted(set(waiting)))}: looking again in {poll:.0f} s"
         )
         time.sleep(poll)
+
+
+def _each_line_once(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` that drops a line it has already shown: every pass of a worker walks the whole plan
+    again, and its "done before", "another worker runs it" and "looking again" lines would repeat
+    on every pass. A run started again (its holder died) is announced again."""
+    seen: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in seen or line.endswith(": running"):
+            seen.add(line)
+            log(line)
+
+    return once
 
 
 def status(plan: Plan, root: Path = RESULTS) -> str:
