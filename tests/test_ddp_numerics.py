@@ -196,26 +196,9 @@ COLOURS = ["red", "green", "blue", "black", "white", "grey", "brown", "gold"]
 
 @pytest.fixture(scope="module")
 def llama_no_dropout(tmp_path_factory) -> Path:
-    from msplora import hf
-    from tests.tiny import tiny_llama
+    from tests.tiny import tiny_llama_folder
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MSPLORA_CACHE", str(tmp_path_factory.mktemp("msplora_cache")))  # never touch the user cache
-        try:
-            tok = hf.load_tokenizer("smollm2")
-        except hf.MissingModelPackageError as e:
-            pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("tiny_llama")
-    model = tiny_llama(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-        attention_dropout=0.0,
-    )
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_llama_folder(tmp_path_factory, tie_word_embeddings=True, attention_dropout=0.0)
 
 
 @pytest.mark.slow

@@ -281,26 +281,11 @@ def test_fsdp_is_the_package_strategy_on_a_gpu_and_other_strategies_pass_through
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 6-layer random LLaMA (tied embeddings, GQA) with SmolLM2's tokenizer, as a local folder."""
-    from msplora import hf
-    from tests.tiny import tiny_llama
+    from tests.tiny import tiny_llama_folder
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MSPLORA_CACHE", str(tmp_path_factory.mktemp("msplora_cache")))  # never touch the user cache
-        try:
-            tok = hf.load_tokenizer("smollm2")
-        except hf.MissingModelPackageError as e:
-            pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama(
-        vocab_size=len(tok),
-        num_hidden_layers=6,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    ).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_llama_folder(
+        tmp_path_factory, num_hidden_layers=6, max_position_embeddings=512, tie_word_embeddings=True
+    )
 
 
 @pytest.mark.slow

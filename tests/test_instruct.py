@@ -23,6 +23,7 @@ from msplora.training.data import DataError
 from msplora.training.instruct import IGNORE_INDEX
 from msplora.training.instruct import mtbench as mtbench_module
 from msplora.training.instruct import scoring as scoring_module
+from tests.tiny import smollm2_tokenizer
 
 IM_END = "<|im_end|>"
 
@@ -33,12 +34,7 @@ IM_END = "<|im_end|>"
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):
     """SmolLM2 tokenizer (has a ChatML template), read from the GGUF; an empty cache root so no user cache is touched."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MSPLORA_CACHE", str(tmp_path_factory.mktemp("msplora_cache")))
-        try:
-            return hf.load_tokenizer("smollm2")
-        except hf.MissingModelPackageError as e:
-            pytest.skip(str(e))
+    return smollm2_tokenizer(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

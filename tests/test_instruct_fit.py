@@ -21,11 +21,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import msplora
-from msplora import hf
 from msplora.training.cli import cli_main
 from msplora.training.instruct import InstructionDataModule
 from tests.conftest import REPO, fit_cli, run_ddp_script
-from tests.tiny import tiny_llama
+from tests.tiny import tiny_llama_folder
 
 CONFIGS = REPO / "configs"
 N_LAYERS = 6  # the demo pyramid's mid level has 3 groups
@@ -34,23 +33,9 @@ N_LAYERS = 6  # the demo pyramid's mid level has 3 groups
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 6-layer, hidden-32 random LLaMA with SmolLM2's tokenizer (ChatML template), as a local folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MSPLORA_CACHE", str(tmp_path_factory.mktemp("msplora_cache")))  # never touch the user cache
-        try:
-            tok = hf.load_tokenizer("smollm2")
-        except hf.MissingModelPackageError as e:
-            pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama(
-        vocab_size=len(tok),
-        num_hidden_layers=N_LAYERS,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    ).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_llama_folder(
+        tmp_path_factory, num_hidden_layers=N_LAYERS, max_position_embeddings=512, tie_word_embeddings=True
+    )
 
 
 @pytest.fixture(scope="module")

