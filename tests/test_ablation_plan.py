@@ -238,10 +238,18 @@ def test_plan_command_status(tmp_path, capsys):
     ablation.main(["plan", "mrpc", "--status", "--root", str(tmp_path)])
     out = capsys.readouterr().out
     assert "plan mrpc: task mrpc, 10 reported seeds" in out and re.search(r"tied_global\s+0\s+0/10\s+-", out)
+    assert "63 reported runs left, and LR selection runs for full, lora, lora_budget, pyramid_small," in out
+    assert "took" not in out
     hold(tmp_path / "mrpc" / "lora" / "seed4.json")
     (tmp_path / "mrpc" / "lora" / "seed0.json").write_text("{}")
+    (tmp_path / "mrpc" / "lora" / "seed1.json").write_text('{"wall_time_s": 500.5}')
+    (tmp_path / "mrpc" / "head_only").mkdir()
+    (tmp_path / "mrpc" / "head_only" / "seed0.json").write_text('{"wall_time_s": 300}')
     ablation.main(["plan", "mrpc", "--status", "--root", str(tmp_path)])
-    assert re.search(r"lora\s+0\s+1/10\s+seed4.json \(elsewhere:1\)", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"lora\s+0\s+2/10\s+seed4.json \(elsewhere:1\)", out)
+    assert "60 reported runs left, and LR selection runs for full, lora_budget, pyramid_small, lora_r2," in out
+    assert "a finished reported run took 400 s (median of 2)" in out
 
 
 @pytest.mark.slow

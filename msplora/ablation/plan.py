@@ -18,8 +18,10 @@ worker with nothing left but other workers' runs waits for them (their runs may 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -222,20 +224,38 @@ def _each_line_once(log: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def status(plan: Plan, root: Path = RESULTS) -> str:
-    """Per arm: selection runs and reported seeds finished (files present), runs claimed now and by whom."""
+    """Per arm: selection runs and reported seeds finished (files present), runs claimed now and by
+    whom; then how many reported runs are left and how long finished runs took."""
     rows = [f"plan {plan.name}: task {plan.task}, {plan.seeds} reported seeds per arm (results: {root / plan.task})"]
     rows.append(f"  {'arm':<16s} {'selection':>9s} {'reported':>9s}  running")
+    left, walls, unchosen = 0, [], []
     for arm in [*plan.arms, *plan.fixed]:
         out = root / plan.task / arm
         want = plan.fixed.get(arm, plan.seeds)
         sweep = len(list((out / "lr_sweep").glob("*.json"))) if (out / "lr_sweep").is_dir() else 0
-        done = sum((out / f"seed{k}.json").is_file() for k in range(want))
+        done = [out / f"seed{k}.json" for k in range(want) if (out / f"seed{k}.json").is_file()]
+        left += want - len(done)
+        if arm not in plan.fixed and not done:  # a reported seed runs only once its LR is chosen
+            unchosen.append(arm)
+        walls += [w for w in map(_wall_time, done) if w is not None]
         running = []
         for lock in sorted(out.rglob(f"*{SUFFIX}")) if out.is_dir() else []:
             info = holder(lock) or {}
             running.append(f"{lock.name[: -len(SUFFIX)]} ({info.get('host', '?')}:{info.get('pid', '?')})")
-        rows.append(f"  {arm:<16s} {sweep:>9d} {done:>5d}/{want:<3d}  {', '.join(running) or '-'}")
+        rows.append(f"  {arm:<16s} {sweep:>9d} {len(done):>5d}/{want:<3d}  {', '.join(running) or '-'}")
+    took = f"; a finished reported run took {statistics.median(walls):.0f} s (median of {len(walls)})" if walls else ""
+    select = f", and LR selection runs for {', '.join(unchosen)}" if unchosen else ""
+    rows.append(f"  {left} reported runs left{select}{took}")
     return "\n".join(rows)
+
+
+def _wall_time(path: Path) -> float | None:
+    """A result's wall time in seconds, None when the file is not a finished result."""
+    try:
+        wall = json.loads(path.read_text()).get("wall_time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(wall) if isinstance(wall, (int, float)) else None
 
 
 def run_workers(name_or_path: str, workers: int, root: Path, threads: int | None) -> int:
