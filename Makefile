@@ -78,8 +78,8 @@ ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 L
 ablations: install ## run every variant in ablations/
 	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
 
-ablation-plan: install ## work on a plan (ablations/plans/PLAN.yaml) until done, then its report: make ablation-plan PLAN=mrpc [WORKERS=2 ROOT= STATUS=1]
-	$(PY) -m msplora.ablation plan $(PLAN) --workers $(WORKERS) $(ROOT_OPT) $(if $(STATUS),--status)
+ablation-plan: install ## work on a plan (ablations/plans/PLAN.yaml) until done, then its report: make ablation-plan PLAN=mrpc [WORKERS=2 HOURS=2.5 ROOT= STATUS=1]
+	$(PY) -m msplora.ablation plan $(PLAN) --workers $(WORKERS) $(ROOT_OPT) $(if $(HOURS),--hours $(HOURS)) $(if $(STATUS),--status)
 
 ablation-report: install ## table, paired verdicts (markdown + JSON) and PNG: [TASK= BASELINE=lora_budget MARGIN=1 COMPARE="a:b c:d" ROOT=]
 	$(PY) -m msplora.ablation report --task $(TASK) $(REPORT_OPTS)

@@ -234,6 +234,28 @@ def test_a_worker_waits_for_runs_held_elsewhere_and_takes_them_if_they_come_back
     assert len(lines) == len(set(lines)) and any(x.endswith("seed=0: running") for x in lines)
 
 
+def test_a_worker_starts_no_run_it_cannot_finish_in_time(tmp_path, tiny_bert_dir, fake_fit, monkeypatch):
+    """With a deadline, a run starts only when the median finished run fits in the time left (any
+    run, while none has finished); the worker then stops, and the plan later goes on from there."""
+    calls, knobs = fake_fit
+    knobs["vals"] = {1e-3: 0.7, 2e-3: 0.8}
+    fake = ablation.runner.fit_and_test
+    monkeypatch.setattr(ablation.runner, "fit_and_test", lambda *a: {**fake(*a), "wall_time_s": 100.0})
+    plan = small_plan(tmp_path, tiny_bert_dir)
+    root = tmp_path / "results"
+    lines = []
+    work(plan, root, log=lines.append, deadline=time.time() + 60)  # one run of "100 s" fits nothing more
+    assert calls == [(1e-3, ablation.runner.SELECTION_SEED)] and not list(root.rglob("*.claim"))
+    assert "time is up (full: lr=0.002 seed=1000 not started)" in lines[-1]
+    work(plan, root, log=lines.append, deadline=time.time() + 99)  # 100 s does not fit in 99
+    assert len(calls) == 1
+    work(plan, root, log=lines.append, deadline=time.time() + 1000)  # each "100 s" run fits
+    assert len(calls) == 2 * (2 + 3) + 1  # full, lora: 2 selection runs + 3 seeds; head_only: 1
+    calls.clear()
+    work(plan, root, log=lines.append)  # all done: nothing runs again
+    assert calls == []
+
+
 def test_plan_command_status(tmp_path, capsys):
     ablation.main(["plan", "mrpc", "--status", "--root", str(tmp_path)])
     out = capsys.readouterr().out
@@ -255,7 +277,8 @@ def test_plan_command_status(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_worker_processes_run_a_real_plan_once_then_report(tmp_path, tiny_bert_dir):
     """``plan --workers 2``: two processes (torch threads split), a tiny model and 2 steps a run:
-    every run happens once, across both workers, and the report follows."""
+    every run happens once, across both workers, and the report follows. ``--hours`` reaches both
+    workers: with 4 ms, past before they start, neither starts a run."""
     from tests.test_ablation import TINY
 
     plan = write_plan(
@@ -274,14 +297,22 @@ def test_two_worker_processes_run_a_real_plan_once_then_report(tmp_path, tiny_be
         ),
     )
     root = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "msplora.ablation", "plan", str(plan), "--workers", "2", "--root", str(root)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-        timeout=600,
-    )
+
+    def plan_command(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "msplora.ablation", "plan", str(plan), "--workers", "2", "--root", str(root), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+            timeout=600,
+        )
+
+    proc = plan_command("--hours", "0.000001", "--no-report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running" not in proc.stdout and not list(root.rglob("*.json"))
+    assert {m for m in re.findall(r"^\[w(\d)\] \[plan p\] time is up", proc.stdout, flags=re.M)} == {"0", "1"}
+    proc = plan_command("--hours", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = re.findall(r"^\[w(\d)\] \[(\w+)\] lr=\S+ seed=(\d+): running$", proc.stdout, flags=re.M)
     assert len(ran) == len({(arm, seed) for _, arm, seed in ran}) == 2 * 3  # 1 selection + 2 seeds, each once

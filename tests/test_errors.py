@@ -312,6 +312,7 @@ CASES = [
     Case(
         "ablation_plan_workers_0", cmd("ablation", "plan", "mrpc", "--workers", "0", "--root", "{out}"), "--workers 0"
     ),
+    Case("ablation_plan_hours_0", cmd("ablation", "plan", "mrpc", "--hours", "0", "--root", "{out}"), "--hours 0.0"),
     Case(
         "ablation_config_missing_names_the_tasks_configs",
         cmd(*ABLATION, "full", "--task", "rte", "--config", "{root}/configs/minilm/rte.yml"),

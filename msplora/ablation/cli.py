@@ -92,9 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--root", type=Path, default=RESULTS, help="results root (shared by every worker)")
     pl.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     pl.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores // workers)")
+    pl.add_argument(
+        "--hours",
+        type=float,
+        default=None,
+        help="stop within this many hours: start no run that would end later (judged by the median "
+        "finished run); the plan goes on where it left off next time",
+    )
     pl.add_argument("--status", action="store_true", help="print what is done, running and left, and stop")
     pl.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     pl.add_argument("--worker-id", default=None, help=argparse.SUPPRESS)
+    pl.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # --hours, as run_workers passes it
     a = p.parse_args(argv)
 
     if a.cmd == "plan":
@@ -166,8 +174,11 @@ def plan_command(a) -> None:
         return
     if a.workers < 1 or (a.threads is not None and a.threads < 1):
         raise AblationError(f"--workers {a.workers} / --threads {a.threads}: need 1 or more. Fix: e.g. --workers 2")
+    if a.hours is not None and not a.hours > 0:
+        raise AblationError(f"--hours {a.hours}: not a positive number of hours. Fix: e.g. --hours 2.5")
+    deadline = a.deadline if a.deadline is not None else time.time() + a.hours * 3600 if a.hours else None
     if a.workers > 1:
-        code = run_workers(a.plan, a.workers, a.root, a.threads)
+        code = run_workers(a.plan, a.workers, a.root, a.threads, deadline)
         if code:
             raise SystemExit(code)
     else:
@@ -176,7 +187,7 @@ def plan_command(a) -> None:
 
             torch.set_num_threads(a.threads)
         tag = f"[w{a.worker_id}] " if a.worker_id is not None else ""
-        work(plan, a.root, log=lambda line: print(tag + line, flush=True))
+        work(plan, a.root, log=lambda line: print(tag + line, flush=True), deadline=deadline)
     if not a.no_report:
         print(report(plan.task, a.root, plan.baseline, plan.margin, list(plan.compare)))
         print(status(plan, a.root))

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from msplora.ablation.claims import SUFFIX, Busy, holder
-from msplora.ablation.runner import DEFAULT_EXTEND, EMBEDDED_STEPS, SELECTION_SEED, run_variant
+from msplora.ablation.runner import DEFAULT_EXTEND, EMBEDDED_STEPS, SELECTION_SEED, OutOfTime, run_variant
 from msplora.ablation.variants import (
     ABLATIONS,
     CONFIGS,
@@ -175,12 +175,23 @@ def load_plan(name_or_path: str) -> Plan:
     )
 
 
-def work(plan: Plan, root: Path = RESULTS, log: Callable[[str], None] = print, poll: float = POLL_S) -> None:
+def work(
+    plan: Plan,
+    root: Path = RESULTS,
+    log: Callable[[str], None] = print,
+    poll: float = POLL_S,
+    deadline: float | None = None,
+) -> None:
     """One worker: take the plan's runs in order until none is left; runs other workers hold are
-    left to them, and waited for at the end (one of them may fail and come back to the pool)."""
+    left to them, and waited for at the end (one of them may fail and come back to the pool).
+
+    ``deadline`` (``time.time()`` seconds): start no run that would end after it, judging by the
+    median wall time of the plan's finished runs (with none finished yet, a run starts while time
+    is left); the worker then stops, its finished runs kept, and the plan goes on where it left off."""
     for arm in [*plan.arms, *plan.fixed]:
         variant_path(arm)
     log = _each_line_once(log)
+    may_start = None if deadline is None else lambda: _fits(plan, root, deadline)
     while True:
         waiting = []
         for arm, seeds in plan.targets():
@@ -198,15 +209,31 @@ def work(plan: Plan, root: Path = RESULTS, log: Callable[[str], None] = print, p
                     extend=plan.extend,
                     selection_seeds=plan.selection_seeds,
                     claims=True,
+                    may_start=may_start,
                 )
             except Busy:
                 waiting.append(arm)
+            except OutOfTime as e:
+                log(f"[plan {plan.name}] time is up ({e}): stopping; the plan goes on where it left off")
+                return
         if not waiting:
+            return
+        if deadline is not None and time.time() + poll > deadline:
+            log(f"[plan {plan.name}] time is up while other workers hold runs of {', '.join(sorted(set(waiting)))}")
             return
         log(
             f"[plan {plan.name}] other workers hold runs of {', '.join(sorted(set(waiting)))}: looking again in {poll:.0f} s"
         )
         time.sleep(poll)
+
+
+def _fits(plan: Plan, root: Path, deadline: float) -> bool:
+    """Whether a run started now ends before ``deadline``, by the median wall time of the plan's
+    finished runs (selection and reported; any, when none has finished)."""
+    left = deadline - time.time()
+    folders = [root / plan.task / arm for arm in [*plan.arms, *plan.fixed]]
+    walls = [w for f in folders for p in [*f.glob("seed*.json"), *f.glob("lr_sweep/*.json")] if (w := _wall_time(p))]
+    return left > (statistics.median(walls) if walls else 0.0)
 
 
 def _each_line_once(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -258,13 +285,16 @@ def _wall_time(path: Path) -> float | None:
     return float(wall) if isinstance(wall, (int, float)) else None
 
 
-def run_workers(name_or_path: str, workers: int, root: Path, threads: int | None) -> int:
+def run_workers(name_or_path: str, workers: int, root: Path, threads: int | None, deadline: float | None = None) -> int:
     """``workers`` local worker processes of this plan, cores split between them (``threads`` each;
-    default: cores // workers, at least 1); returns the first failing exit status, else 0."""
+    default: cores // workers, at least 1), all stopping by ``deadline`` (see :func:`work`);
+    returns the first failing exit status, else 0."""
     cores = os.cpu_count() or 1
     each = threads or max(1, cores // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(each), "MKL_NUM_THREADS": str(each)}
     cmd = [sys.executable, "-m", "msplora.ablation", "plan", name_or_path, "--root", str(root), "--no-report"]
+    if deadline is not None:
+        cmd += ["--deadline", repr(deadline)]
     # own sessions: a terminal's Ctrl-C reaches them once, through forward(), not twice
     procs = [subprocess.Popen([*cmd, "--worker-id", str(i)], env=env, start_new_session=True) for i in range(workers)]
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from msplora.ablation.claims import Busy, claim
@@ -47,6 +48,10 @@ DEFAULT_EXTEND = 2
 # Seeds SELECTION_SEED, SELECTION_SEED + 1, ... select the LR; seeds 0..N-1 are reported. Far apart,
 # so that no --seeds count makes the two sets meet.
 SELECTION_SEED = 1000
+
+
+class OutOfTime(Exception):
+    """A worker's time is up: the next run was not started (see ``run_variant(may_start=...)``)."""
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -130,8 +135,12 @@ def run_variant(
     extend: int = 0,
     selection_seeds: int = 1,
     claims: bool = False,
+    may_start: Callable[[], bool] | None = None,
 ) -> list[dict]:
     """Sweep, choose the LR, run the reported seeds; returns the reported seeds' records.
+
+    ``may_start``: asked before each new run; False raises :class:`OutOfTime` (a worker whose time
+    is up starts nothing it cannot finish; finished runs are still read).
 
     ``claims``: several workers share the results folder (:mod:`msplora.ablation.claims`): each run
     is claimed first, and one another worker holds is left to it. A selection run held elsewhere
@@ -175,6 +184,8 @@ def run_variant(
         return run_new(lr, seed, path)
 
     def run_new(lr: float, seed: int, path: Path) -> dict:
+        if may_start is not None and not may_start():
+            raise OutOfTime(f"{name}: lr={lr_tag(lr)} seed={seed} not started")
         log(f"[{name}] lr={lr_tag(lr)} seed={seed}: running")
         rec = fit_and_test(recipe, lr, seed, out / "runs" / f"lr{lr_tag(lr)}_seed{seed}")
         rec.update(
