@@ -59,16 +59,23 @@ def test_the_shipped_mrpc_plan_is_the_protocol_s():
 
 
 def test_the_shipped_mrpc_plan_continues_the_committed_runs():
-    """The plan signs its runs as the committed MRPC results were signed, so it skips them."""
+    """The plan signs each arm's runs as its committed MRPC results (selection and reported) were
+    signed, so it skips them; with or without the progress-bar override it carries."""
     import dataclasses
 
     plan = load_plan("mrpc")
-    stored = json.loads((REPO / "results/ablations/mrpc/full/seed0.json").read_text())
-    recipe = ablation.base_recipe(
-        ablation.variant_path("full"), ablation.task_config("mrpc", plan.config), plan.steps, list(plan.extra)
-    )
-    recipe = dataclasses.replace(recipe, overrides={**recipe.overrides, "model.head_lr": stored["head_lr"]})
-    assert ablation.run_signature(recipe) == stored["signature"]
+    for arm in [*plan.arms, *plan.fixed]:
+        folder = REPO / "results/ablations/mrpc" / arm
+        stored = {
+            json.loads(p.read_text())["signature"] for p in [*folder.glob("seed*.json"), *folder.glob("lr_sweep/*")]
+        }
+        head_lr = json.loads((folder / "seed0.json").read_text())["head_lr"]
+        for extra in (list(plan.extra), []):
+            recipe = ablation.base_recipe(
+                ablation.variant_path(arm), ablation.task_config("mrpc", plan.config), plan.steps, extra
+            )
+            recipe = dataclasses.replace(recipe, overrides={**recipe.overrides, "model.head_lr": head_lr})
+            assert stored == {ablation.run_signature(recipe)}, (arm, extra)
 
 
 def test_targets_go_in_rounds_with_the_fixed_arms_after_the_first(tmp_path, tiny_bert_dir):

@@ -52,3 +52,27 @@ def test_typed_overrides_and_extra_arguments_count(tmp_path):
     assert run_signature(Recipe((path,), {"model.head_lr": 2e-3, "trainer.max_steps": 5})) == ref
     assert run_signature(Recipe((path,), {"trainer.max_steps": 5, "model.head_lr": 4e-3})) != ref
     assert run_signature(Recipe((path,), {"trainer.max_steps": 5, "model.head_lr": 2e-3}, ("--x=1",))) != ref
+
+
+def test_progress_and_logging_overrides_keep_results(tmp_path):
+    """An extra override of a setting that cannot change the numbers (a progress bar, a logger,
+    where last.ckpt is written) is not part of the signature, in either spelling; others are."""
+    path = tmp_path / "base.yaml"
+    path.write_text(BASE)
+    ref = run_signature(Recipe((path,), {"trainer.max_steps": 5}, ("--model.dtype=float32",)))
+    same = [
+        ("--trainer.enable_progress_bar=false", "--model.dtype=float32"),
+        ("--model.dtype=float32", "--trainer.enable_progress_bar", "false"),
+        ("--trainer.log_every_n_steps=1", "--model.dtype=float32", "--trainer.logger=false"),
+        ("--last_checkpoint.every_n_steps=10", "--model.dtype=float32"),
+        ("--trainer.enable_progress_bar", "--model.dtype=float32"),  # a flag without a value takes no token
+    ]
+    for extra in same:
+        assert run_signature(Recipe((path,), {"trainer.max_steps": 5}, extra)) == ref, extra
+    other = [
+        ("--model.dtype=float32", "--trainer.max_epochs=4"),
+        ("--trainer.enable_progress_bar", "--trainer.max_epochs=4", "--model.dtype=float32"),
+        ("--model.dtype", "float32"),  # the spelling of a counted override still counts
+    ]
+    for extra in other:
+        assert run_signature(Recipe((path,), {"trainer.max_steps": 5}, extra)) != ref, extra

@@ -28,14 +28,15 @@ def run_signature(recipe: Recipe) -> str:
 
     Config files count by their parsed content, not path or comments: editing a key of an overlay
     or a task config makes its old results stale, while a moved checkout, a reworded comment or a
-    progress/logging setting (:data:`_NO_OUTCOME_KEYS`) keeps them. A finished run at an LR counts for any
-    grid that holds that LR. Typed values, not their command-line spelling, so how the composer
-    hands them to the parser does not change the signature.
+    progress/logging setting (:data:`_NO_OUTCOME_KEYS`) keeps them; so does such a setting given
+    as an extra override (``--trainer.enable_progress_bar=false``). A finished run at an LR counts
+    for any grid that holds that LR. Typed values, not their command-line spelling, so how the
+    composer hands them to the parser does not change the signature.
     """
     data = {
         "configs": [_outcome_keys(Path(c)) for c in recipe.configs],
         "overrides": dict(sorted(recipe.overrides.items())),
-        "extra": list(recipe.extra),
+        "extra": _outcome_extra(recipe.extra),
         "protocol": PROTOCOL,
     }
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
@@ -70,6 +71,30 @@ def _outcome_keys(path: Path) -> object:
                 ]
                 data[section]["callbacks"] = kept
     return data
+
+
+def _no_outcome_key(key: str) -> bool:
+    """A dotted key (``trainer.enable_progress_bar``) that cannot change a run's numbers."""
+    section, _, name = key.partition(".")
+    return section in _NO_OUTCOME_SECTIONS or name in _NO_OUTCOME_KEYS.get(section, ())
+
+
+def _outcome_extra(extra: tuple[str, ...] | list[str]) -> list[str]:
+    """The extra command-line overrides, less those of :func:`_no_outcome_key` keys, in both
+    spellings: ``--key=value`` and ``--key value``."""
+    kept, skip_value = [], False
+    for token in extra:
+        if skip_value and not token.startswith("--"):
+            skip_value = False
+            continue
+        skip_value = False
+        if token.startswith("--"):
+            key, eq, _ = token[2:].partition("=")
+            if _no_outcome_key(key):
+                skip_value = not eq  # "--key value": the next token is the value
+                continue
+        kept.append(token)
+    return kept
 
 
 def same_run(rec: dict, signature: str | None, lr: float) -> bool:
