@@ -68,8 +68,8 @@ ABL_OPTS = --task $(TASK) $(if $(CONFIG),--config $(CONFIG)) $(ABL_COMMON)
 HUB_MODE = $(if $(or $(CONFIG),$(ARGS),$(filter-out sentiment,$(TASK))),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 
 PLAN ?= mrpc
-WORKERS ?= 1
 STATUS ?=
+# WORKERS: no global default; ablation-plan uses 1 worker, search 2 (one `?=` would set both)
 
 .PHONY: ablation ablations ablation-report ablation-plan
 ablation: install ## run one variant: make ablation NAME=no_mid [TASK= SEEDS=3 LRS="a b c" EXTEND=2 SELECTION_SEEDS=1 STEPS= CONFIG= ROOT= ARGS="--trainer.x=y"]
@@ -79,7 +79,7 @@ ablations: install ## run every variant in ablations/
 	$(HUB_MODE) $(PY) -m msplora.ablation run --all $(ABL_OPTS) -- $(ARGS)
 
 ablation-plan: install ## work on a plan (ablations/plans/PLAN.yaml) until done, then its report: make ablation-plan PLAN=mrpc [WORKERS=2 HOURS=2.5 ROOT= STATUS=1]
-	$(PY) -m msplora.ablation plan $(PLAN) --workers $(WORKERS) $(ROOT_OPT) $(if $(HOURS),--hours $(HOURS)) $(if $(STATUS),--status)
+	$(PY) -m msplora.ablation plan $(PLAN) --workers $(or $(WORKERS),1) $(ROOT_OPT) $(if $(HOURS),--hours $(HOURS)) $(if $(STATUS),--status)
 
 ablation-report: install ## table, paired verdicts (markdown + JSON) and PNG: [TASK= BASELINE=lora_budget MARGIN=1 COMPARE="a:b c:d" ROOT=]
 	$(PY) -m msplora.ablation report --task $(TASK) $(REPORT_OPTS)
@@ -100,12 +100,11 @@ glue-ablations: install ## GLUE_VARIANTS x GLUE_TASKS on MiniLM, JOBS tasks at o
 
 # -- search (issue: Optuna search) --------------------------------------------------------------
 TRIALS ?= 20
-WORKERS ?= 2
 STORAGE ?=
 STUDY ?=
 .PHONY: search search-report
 search: install ## Optuna search of rank decay / grouping: make search TRIALS=20 WORKERS=2 [STORAGE=file.log|file.db|url STUDY=name]
-	$(if $(ARGS),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) $(PY) -m msplora.search run --trials $(TRIALS) --workers $(WORKERS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY)) -- $(ARGS)
+	$(if $(ARGS),,HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) $(PY) -m msplora.search run --trials $(TRIALS) --workers $(or $(WORKERS),2) $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY)) -- $(ARGS)
 
 search-report: install ## best trials, Pareto front, plots and the best config as an overlay
 	$(PY) -m msplora.search report $(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study $(STUDY))
