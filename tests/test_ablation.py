@@ -339,6 +339,9 @@ def test_real_runner_on_a_tiny_model_writes_complete_seed_files(tmp_path, tiny_b
     assert rec["adapter_params"] == sum(rec["params_per_level"].values())
     assert rec["config"]["model"]["pyramid"]["levels"][1]["groups"] == 3  # the resolved config
     assert rec["config"]["data"]["init_args"]["val_fraction"] == ablation.VAL_FRACTION
+    machine = rec["machine"]  # what it ran on
+    assert machine["device"].startswith("cpu (") and machine["processes"] == 1 and machine["threads"] >= 1
+    assert machine["torch"] == torch.__version__ and machine["msplora"] == msplora.__version__
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -394,6 +397,23 @@ def test_report_on_fabricated_results(tmp_path, capsys):
     stats = {r["variant"]: r for r in json.loads((tmp_path / "sentiment" / "report.json").read_text())["rows"]}
     assert math.isclose(stats["full"]["std"], 0.02) and math.isclose(stats["uniform_budget"]["median"], 0.71)
     assert stats["uniform_budget"]["values"] == [0.90, 0.70, 0.71] and stats["uniform_budget"]["seeds"] == [0, 1, 2]
+
+
+def test_report_says_when_runs_were_made_on_several_devices(tmp_path):
+    fabricate(tmp_path, "full", [0.80, 0.82, 0.84], 49152, 1e-3, "G8 M4x3 L2")
+    fabricate(tmp_path, "lora", [0.85, 0.85], 73728, 5e-4, "L8")
+    rows = ablation.summarise(ablation.collect("sentiment", tmp_path))
+    assert "Devices" not in ablation.table.markdown(rows, "sentiment")  # none recorded
+    for name, k, device in (("full", 0, "cpu (x86_64)"), ("full", 1, "cpu (x86_64)"), ("lora", 0, "NVIDIA H100")):
+        path = tmp_path / "sentiment" / name / f"seed{k}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "machine": {"device": device}}))
+    rows = ablation.summarise(ablation.collect("sentiment", tmp_path))
+    note = "Devices of the runs: NVIDIA H100 (1), cpu (x86_64) (2), not recorded (2)."
+    assert note in ablation.table.markdown(rows, "sentiment")
+    for name in ("full", "lora"):  # one device throughout: nothing to say
+        for path in (tmp_path / "sentiment" / name).glob("seed*.json"):
+            path.write_text(json.dumps({**json.loads(path.read_text()), "machine": {"device": "cpu (x86_64)"}}))
+    assert "Devices" not in ablation.table.markdown(ablation.summarise(ablation.collect("sentiment", tmp_path)), "s")
 
 
 def test_report_without_results_says_what_to_run(tmp_path):

@@ -67,6 +67,7 @@ def fit_and_test(recipe: Recipe, lr: float, seed: int, run_dir: Path) -> dict:
     per_run = {"model.lr": lr, "seed_everything": seed}
     setup = compose(recipe.configs, {**recipe.overrides, **per_run}, recipe.extra, root_dir=run_dir)
     r = fit(setup, test=True)
+    machine = machine_of(setup.trainer)
     bank_kinds = get_bank(setup.model.model).kinds
     n_layers = len(next(iter(bank_kinds.values())).layer_ids)
     levels = setup.model.hparams["pyramid"]["levels"]
@@ -96,7 +97,31 @@ def fit_and_test(recipe: Recipe, lr: float, seed: int, run_dir: Path) -> dict:
         "config": setup.config_dict(),
         "metrics": {k: v for k, v in r.metrics.items() if k != "predictions"},
         "predictions": r.metrics.get("predictions", {}),
+        "machine": machine,
     }
+
+
+def machine_of(trainer) -> dict:
+    """What a run ran on, for its record: the device (a GPU's name, else the CPU's architecture),
+    how many processes and torch threads, and the versions of what computes it. Runs of one arm
+    made on other machines or versions are the same runs by signature, but not bit for bit; the
+    report says when a table mixes devices."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    import msplora
+
+    dev = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})"
+    versions = {"python": platform.python_version(), "msplora": msplora.__version__}
+    for pkg in ("torch", "transformers", "lightning"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"device": name, "processes": trainer.world_size, "threads": torch.get_num_threads(), **versions}
 
 
 # -- the LR sweep ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Named ``table`` rather than ``report`` so that ``msplora.ablation.report`` stays
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
@@ -77,6 +78,7 @@ def summarise(found: dict[str, list[dict]]) -> list[dict]:
                 "values": vals,
                 "adapter_params": recs[0]["adapter_params"],
                 "vs_lora": recs[0]["adapter_params"] / lora if lora else math.nan,
+                "devices": [(r.get("machine") or {}).get("device") for r in recs],
             }
         )
     return sorted(rows, key=lambda r: (r["adapter_params"], r["variant"]))
@@ -94,7 +96,18 @@ def _protocol_note(rows: list[dict]) -> str:
         note += f" Head LR {heads[0]:g} for every variant."
     elif heads:
         note += f" Head LRs differ between variants: {', '.join(f'{h:g}' for h in heads)}."
-    return note
+    return note + _devices_note(rows)
+
+
+def _devices_note(rows: list[dict]) -> str:
+    """Which devices made the runs, when not one throughout (same runs by signature, other numerics)."""
+    counts = collections.Counter(d for r in rows for d in r.get("devices", []))
+    if len(counts) <= 1:
+        return ""  # one device throughout, or none recorded
+    parts = [f"{d} ({n})" for d, n in sorted((d, n) for d, n in counts.items() if d is not None)]
+    if None in counts:
+        parts.append(f"not recorded ({counts[None]})")
+    return f" Devices of the runs: {', '.join(parts)}."
 
 
 def markdown(rows: list[dict], task: str) -> str:
