@@ -14,9 +14,16 @@ has the same role for its own LoRA.
 
 Works on any module that holds an MSPLoRA bank: an injected model, a ``PeftModel`` of
 ``MSPLoRAPeftConfig``, or a LightningModule around one. Only the core is imported.
+
+``linear_warmup_decay`` is the fit's schedule: transformers' ``get_linear_schedule_with_warmup``
+(same factors, step for step), as a ``torch`` ``LambdaLR``. Importing it from transformers pulls in
+``transformers.trainer_pt_utils``, hence peft and, where installed, bitsandbytes: seconds of import
+and a bitsandbytes kernel message in the log of every fit that quantizes nothing.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,7 +31,7 @@ from torch import nn
 from msplora.config import ConfigError
 from msplora.layers import PREFIX, MSPLoRABank, scale_level_steps
 
-__all__ = ["create_optimizer", "find_bank", "param_groups"]
+__all__ = ["create_optimizer", "find_bank", "linear_warmup_decay", "param_groups"]
 
 
 def find_bank(model: nn.Module) -> MSPLoRABank:
@@ -72,3 +79,19 @@ def create_optimizer(
     opt = optimizer_cls(param_groups(model, lr, head_lr, weight_decay), **optimizer_kwargs)
     scale_level_steps(opt, find_bank(model))
     return opt
+
+
+def _linear_warmup_decay_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+
+def linear_warmup_decay(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's lr rises linearly from 0 over ``warmup_steps``, then falls linearly to 0 at
+    ``total_steps`` (and stays there): the factors of transformers' ``get_linear_schedule_with_warmup``
+    (``tests/test_optim.py`` holds them equal), without importing transformers' trainer."""
+    factor = partial(_linear_warmup_decay_factor, warmup_steps=warmup_steps, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -82,3 +82,71 @@ def test_trainer_users_get_the_same_groups_through_peft():
     moved = (kb.B.detach() - before).abs()
     torch.testing.assert_close(moved[:, :8].amax(), torch.tensor(0.5 * 4e-3), rtol=1e-2, atol=0)  # Adam eps: ~0.2 %
     torch.testing.assert_close(moved[:, 8:20].amax(), torch.tensor(4e-3), rtol=1e-2, atol=0)  # Adam eps: ~0.2 %
+
+
+def test_fit_schedule_is_transformers_linear_warmup_step_for_step():
+    """The fit's schedule (msplora.optim.linear_warmup_decay) gives transformers'
+    get_linear_schedule_with_warmup's lrs exactly, and resumes from its state (checkpoints
+    written before the switch)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from msplora.optim import linear_warmup_decay
+
+    def opt():
+        return torch.optim.AdamW(
+            [
+                {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3},
+                {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 2e-3},
+            ]
+        )
+
+    for warmup, total in ((0, 10), (3, 10), (10, 10), (5, 3), (1, 1), (6, 345)):
+        ours, theirs = linear_warmup_decay(opt(), warmup, total), get_linear_schedule_with_warmup(opt(), warmup, total)
+        seen = []
+        for _ in range(total + 3):
+            assert ours.get_last_lr() == theirs.get_last_lr()
+            seen.append(ours.get_last_lr()[0])
+            for s in (ours, theirs):
+                s.optimizer.step()
+                s.step()
+        assert seen[-1] == 0.0 and max(seen) <= 1e-3
+        resumed = linear_warmup_decay(opt(), warmup, total)
+        resumed.load_state_dict(theirs.state_dict())
+        assert resumed.last_epoch == theirs.last_epoch and resumed.get_last_lr() == theirs.get_last_lr()
+
+    cfg = MSPLoRAConfig(levels=LEVELS, modules_to_save=["classifier"])
+    module = MSPLoRAModule(pyramid=cfg, lr=1e-3, head_lr=5e-3, warmup_ratio=0.25)
+    module.model = msplora.inject(tiny_bert(), cfg)
+    module.trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    ref = get_linear_schedule_with_warmup(copy.deepcopy(sched.optimizer), 3, 12)
+    for _ in range(12):
+        assert sched.get_last_lr() == ref.get_last_lr()
+        for s in (sched, ref):
+            s.optimizer.step()
+            s.step()
+
+
+def test_a_fit_imports_neither_peft_nor_bitsandbytes():
+    """transformers' scheduler module imports its trainer, hence peft and bitsandbytes (seconds,
+    and a bitsandbytes kernel message in the log of every fit); the fit's own path does not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, lightning as L, msplora\n"
+        "from msplora import MSPLoRAConfig\n"
+        "from msplora.training.module import MSPLoRAModule\n"
+        "from tests.tiny import tiny_bert\n"
+        "cfg = MSPLoRAConfig(levels=[{'share': 'global', 'rank': 2}], modules_to_save=['classifier'])\n"
+        "m = MSPLoRAModule(pyramid=cfg, lr=1e-3)\n"
+        "m.model = msplora.inject(tiny_bert(), cfg)\n"
+        "m.trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)\n"
+        "m.configure_optimizers()\n"
+        "print(sorted({k.split('.')[0] for k in sys.modules} & {'peft', 'bitsandbytes'}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

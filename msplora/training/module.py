@@ -335,16 +335,14 @@ class MSPLoRAModule(L.LightningModule):
         ``lr * pyramid.lr_ratio_B``, LoRA+), the head at ``head_lr``; each level's rows then
         step ``lr_scale`` (x the ``lr_rule`` factor) as far (``msplora.layers.scale_level_steps``).
         Linear warmup, then linear decay to 0."""
-        from transformers import get_linear_schedule_with_warmup
-
-        from msplora.optim import create_optimizer
+        from msplora.optim import create_optimizer, linear_warmup_decay
 
         hp = self.hparams
         # the parameter groups (order, lrs, weight decays) and hooks of msplora.optim, public for Trainer users
         opt = create_optimizer(self, lr=hp.lr, head_lr=hp.head_lr, weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 10_000
-        sched = get_linear_schedule_with_warmup(opt, int(hp.warmup_ratio * total), total)
+        sched = linear_warmup_decay(opt, int(hp.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints: adapter + head only ---------------------------------------------------------
