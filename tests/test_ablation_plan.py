@@ -329,3 +329,43 @@ def test_two_worker_processes_run_a_real_plan_once_then_report(tmp_path, tiny_be
         assert [r["seed"] for r in recs] == [0, 1] and all(r["global_step"] == 2 for r in recs)
     assert "| full | lora | 2 |" in (root / "sentiment" / "report.md").read_text()
     assert not list(root.rglob("*.claim"))
+
+
+def test_the_wait_names_only_runs_still_held(tmp_path, monkeypatch):
+    """A long pass finds runs held early on that are done by its end: the worker looks again at
+    once, and the line it waits with names only the arms still held (not every arm it ever met
+    held); a pass that waits is not repeated without the poll's sleep."""
+    plan = Plan(
+        name="p",
+        task="t",
+        config=None,
+        arms=("a", "b"),
+        seeds=1,
+        round=1,
+        fixed={},
+        lrs=(),
+        extend=0,
+        selection_seeds=1,
+        baseline="b",
+        margin=1.0,
+        compare=(),
+        extra=(),
+        steps=None,
+    )
+    passes = {"n": 0}
+    busy = {1: {"a", "b"}, 2: {"b"}, 3: {"b"}, 4: set()}
+
+    def fake_run_variant(arm, *a, **k):
+        if arm == "a":
+            passes["n"] += 1
+            if passes["n"] == 1:
+                time.sleep(0.3)  # the first pass ran something: longer than the poll
+        if arm in busy[passes["n"]]:
+            raise Busy(f"{arm}: held")
+
+    monkeypatch.setattr(ablation.plan, "run_variant", fake_run_variant)
+    monkeypatch.setattr(ablation.plan, "variant_path", lambda arm: None)
+    lines = []
+    work(plan, tmp_path, log=lines.append, poll=0.1)
+    assert passes["n"] == 4
+    assert lines == ["[plan p] other workers hold runs of b: looking again in 0 s"]

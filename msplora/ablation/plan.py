@@ -192,8 +192,9 @@ def work(
         variant_path(arm)
     log = _each_line_once(log)
     may_start = None if deadline is None else lambda: _fits(plan, root, deadline)
+    repassed = False
     while True:
-        waiting = []
+        waiting, started = [], time.monotonic()
         for arm, seeds in plan.targets():
             try:
                 run_variant(
@@ -218,6 +219,12 @@ def work(
                 return
         if not waiting:
             return
+        if time.monotonic() - started > poll and not repassed:
+            # a long pass (it ran something): runs it found held early on may be done by now, so
+            # look again at once (quick: finished runs are skipped) before saying what is waited for
+            repassed = True
+            continue
+        repassed = False
         if deadline is not None and time.time() + poll > deadline:
             log(f"[plan {plan.name}] time is up while other workers hold runs of {', '.join(sorted(set(waiting)))}")
             return
