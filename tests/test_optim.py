@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import torch
 from peft import get_peft_model
 
@@ -13,8 +12,8 @@ import msplora
 from msplora import MSPLoRAConfig
 from msplora.optim import create_optimizer, param_groups
 from msplora.peft import MSPLoRAPeftConfig
-from msplora.training.module import MSPLoRAModule
-from tests.tiny import tiny_bert
+from tests.conftest import REPO
+from tests.tiny import fit_module, tiny_bert
 
 LEVELS = [
     {"share": "global", "rank": 8, "lr_scale": 0.5},
@@ -47,11 +46,7 @@ def test_fit_optimizer_groups_are_unchanged():
     for head_lr in (None, 5e-3):
         for ratio in (1.0, 4.0):
             cfg = MSPLoRAConfig(levels=LEVELS, lr_ratio_B=ratio, modules_to_save=["classifier"])
-            module = MSPLoRAModule(pyramid=cfg, lr=1e-3, head_lr=head_lr, weight_decay=0.1)
-            module.model = msplora.inject(tiny_bert(), cfg)
-            module.trainer = L.Trainer(
-                max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False
-            )
+            module = fit_module(cfg, lr=1e-3, head_lr=head_lr, weight_decay=0.1)
             opt = module.configure_optimizers()["optimizer"]
             want = reference_groups(module, 1e-3, head_lr, 0.1)
             assert as_ids(opt.param_groups) == as_ids(want)
@@ -115,10 +110,9 @@ def test_fit_schedule_is_transformers_linear_warmup_step_for_step():
         assert resumed.last_epoch == theirs.last_epoch and resumed.get_last_lr() == theirs.get_last_lr()
 
     cfg = MSPLoRAConfig(levels=LEVELS, modules_to_save=["classifier"])
-    module = MSPLoRAModule(pyramid=cfg, lr=1e-3, head_lr=5e-3, warmup_ratio=0.25)
-    module.model = msplora.inject(tiny_bert(), cfg)
-    module.trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    sched = fit_module(cfg, max_steps=12, lr=1e-3, head_lr=5e-3, warmup_ratio=0.25).configure_optimizers()[
+        "lr_scheduler"
+    ]["scheduler"]
     ref = get_linear_schedule_with_warmup(copy.deepcopy(sched.optimizer), 3, 12)
     for _ in range(12):
         assert sched.get_last_lr() == ref.get_last_lr()
@@ -132,21 +126,15 @@ def test_a_fit_imports_neither_peft_nor_bitsandbytes():
     and a bitsandbytes kernel message in the log of every fit); the fit's own path does not."""
     import subprocess
     import sys
-    from pathlib import Path
 
     code = (
-        "import sys, lightning as L, msplora\n"
+        "import sys\n"
         "from msplora import MSPLoRAConfig\n"
-        "from msplora.training.module import MSPLoRAModule\n"
-        "from tests.tiny import tiny_bert\n"
+        "from tests.tiny import fit_module\n"
         "cfg = MSPLoRAConfig(levels=[{'share': 'global', 'rank': 2}], modules_to_save=['classifier'])\n"
-        "m = MSPLoRAModule(pyramid=cfg, lr=1e-3)\n"
-        "m.model = msplora.inject(tiny_bert(), cfg)\n"
-        "m.trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)\n"
-        "m.configure_optimizers()\n"
+        "fit_module(cfg, max_steps=4, lr=1e-3).configure_optimizers()\n"
         "print(sorted({k.split('.')[0] for k in sys.modules} & {'peft', 'bitsandbytes'}))\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -65,11 +65,14 @@ def test_committed_reports_are_what_the_committed_results_give(tmp_path, root, t
     import shutil
 
     from msplora.ablation.plan import load_plan
+    from msplora.ablation.table import DEFAULT_MARGIN
     from msplora.ablation.table import report as write_report
 
     src = REPO / root / task
     shutil.copytree(src, tmp_path / task, ignore=shutil.ignore_patterns("runs", "report.*", "*.claim"))
     p = load_plan(plan) if plan else None
-    write_report(task, tmp_path, p.baseline if p else None, p.margin if p else 1.0, list(p.compare) if p else [])
+    write_report(
+        task, tmp_path, p.baseline if p else None, p.margin if p else DEFAULT_MARGIN, list(p.compare) if p else []
+    )
     for name in ("report.md", "report.json"):
         assert (tmp_path / task / name).read_bytes() == (src / name).read_bytes(), name

@@ -10,7 +10,6 @@ import copy
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from msplora.config import scale_lr_options
 from msplora.layers import KindBank
 from msplora.pyramid import alpha_for_scale, budget_rank, cell_lr_multipliers, level_scale, lora_budget_rank
 from msplora.training.module import MSPLoRAModule
-from tests.tiny import N_LAYERS, inputs, logits, randomize_adapter, tiny_bert
+from tests.tiny import N_LAYERS, fit_module, inputs, logits, randomize_adapter, tiny_bert
 
 PAPER = [{"share": "global", "rank": 8}, {"share": "group", "rank": 4, "groups": 3}, {"share": "layer", "rank": 2}]
 
@@ -116,12 +115,7 @@ def test_cell_lr_multipliers():
 
 
 def _module(cfg: MSPLoRAConfig, **kw) -> MSPLoRAModule:
-    module = MSPLoRAModule(pyramid=cfg, warmup_ratio=0.0, **kw)  # no warmup: the first step has lr
-    module.model = msplora.inject(tiny_bert(), cfg)  # same seed: same base and same adapter init
-    module.trainer = L.Trainer(
-        max_epochs=-1, max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
-    return module
+    return fit_module(cfg, warmup_ratio=0.0, **kw)  # no warmup: the first step has lr
 
 
 def _steps(cfg: MSPLoRAConfig, n: int = 1, **kw) -> tuple[MSPLoRAModule, dict[str, torch.Tensor]]:

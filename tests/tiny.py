@@ -123,6 +123,23 @@ VARIANTS = {
 }
 
 
+def fit_module(cfg, max_steps: int = 10, **hparams):
+    """An MSPLoRAModule (``hparams``) on the tiny BERT injected with ``cfg``, attached to a Trainer of
+    ``max_steps`` steps (what ``configure_optimizers`` reads), as ``msplora fit`` sets it up.
+    Lightning and the training module are imported here, not when this file is."""
+    import lightning as L
+
+    import msplora
+    from msplora.training.module import MSPLoRAModule
+
+    module = MSPLoRAModule(pyramid=cfg, **hparams)
+    module.model = msplora.inject(tiny_bert(), cfg)  # tiny_bert's seed: the same base and adapter init every call
+    module.trainer = L.Trainer(
+        max_epochs=-1, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    return module
+
+
 def inputs(seed: int = 1, batch: int = 2, length: int = 7) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(0, VOCAB, (batch, length), generator=g)}
