@@ -119,6 +119,16 @@ def glue_dir() -> Path:
     return GLUE_DIR
 
 
+_AT_EXIT = """import atexit as _atexit, os as _os
+def _say_how_the_group_ended():
+    import torch.distributed as _dist
+    alive = _dist.is_available() and _dist.is_initialized()
+    with open(_os.path.join({folder!r}, str(_os.getpid())), "w") as _f:
+        _f.write("alive at exit" if alive else "destroyed")
+_atexit.register(_say_how_the_group_ended)
+"""
+
+
 def run_ddp_script(script: str, args: list[str], root: Path, script_dir: Path | None = None) -> dict[str, object]:
     """Run `script` (which saves its bank as ``<root>/rank<r>.pt``) on 2 gloo processes as a
     subprocess (Lightning re-executes the command line for rank 1); check both ranks trained
@@ -127,7 +137,9 @@ def run_ddp_script(script: str, args: list[str], root: Path, script_dir: Path | 
     import torch
 
     path = (script_dir or root) / "ddp_script.py"
-    path.write_text(script)
+    exits = root / "exits"
+    exits.mkdir(exist_ok=True)
+    path.write_text(_AT_EXIT.format(folder=str(exits)) + script)
     proc = subprocess.run(
         [sys.executable, str(path), *args],
         capture_output=True,
@@ -137,6 +149,10 @@ def run_ddp_script(script: str, args: list[str], root: Path, script_dir: Path | 
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-20000:]
+    # Each process saw its group destroyed before the interpreter was torn down (not left to
+    # finalization, which can abort a finished run): the handler registered first runs last.
+    seen = sorted(p.read_text() for p in exits.iterdir())
+    assert seen == ["destroyed", "destroyed"], seen
     r0, r1 = torch.load(root / "rank0.pt"), torch.load(root / "rank1.pt")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith(".B"))  # it did train

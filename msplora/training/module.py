@@ -13,6 +13,8 @@ Problems: sequence classification and regression (a DataModule with a GLUE-style
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 from typing import Literal
 
@@ -51,6 +53,20 @@ def head_modules(model: nn.Module) -> list[str]:
     """Top-level children outside the backbone that hold parameters: the task head."""
     prefix = getattr(model, "base_model_prefix", None)
     return [n for n, c in model.named_children() if n != prefix and any(True for _ in c.parameters())]
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group at exit, while the interpreter is still whole. A gloo
+    (or NCCL) group left to interpreter finalization can abort a process whose run succeeded:
+    SIGABRT, "terminate called without an active exception" (pytorch/pytorch#190489). Registered
+    once; a no-op if the group is already gone."""
+    atexit.register(_destroy_process_group)
 
 
 class MSPLoRAModule(L.LightningModule):
@@ -396,6 +412,12 @@ class MSPLoRAModule(L.LightningModule):
         for loader, state in zip(stateful, states):
             if isinstance(loader, ResumableDataLoader):
                 loader.load_state_dict(state)
+
+    def on_fit_end(self) -> None:
+        """Lightning calls this only after a fit that ended well: a rank that failed must not
+        take part in a teardown its peers may never reach."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
 
     def trainable_summary(self) -> dict:
         """Trainable counts of this run and of plain LoRA r=8 with the same head and targets."""
