@@ -413,9 +413,9 @@ class MSPLoRAModule(L.LightningModule):
             if isinstance(loader, ResumableDataLoader):
                 loader.load_state_dict(state)
 
-    def on_fit_end(self) -> None:
-        """Lightning calls this only after a fit that ended well: a rank that failed must not
-        take part in a teardown its peers may never reach."""
+    def teardown(self, stage: str) -> None:
+        """Lightning calls this only after a fit, validate, test or predict that ended well: a
+        rank that failed must not take part in a teardown its peers may never reach."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             destroy_process_group_at_exit()
 
