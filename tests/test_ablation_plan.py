@@ -56,6 +56,15 @@ def test_the_shipped_mrpc_plan_is_the_protocol_s():
     assert plan.baseline == "lora_budget" and Path(plan.config).is_file()
     assert set(plan.compare) == {("full", "lora"), ("pyramid_small", "lora_r2"), ("pyramid_small", "tied_global")}
     assert load_plan("stsb").arms == ("full", "lora", "lora_budget")
+    low = load_plan("stsb_low_lr")  # docs/protocol.md's STS-B low-LR plan, in its own folder
+    assert (low.arms, low.lrs, low.extend, low.seeds, low.folder) == (
+        ("full", "lora_budget", "lora"),
+        (5e-4,),
+        0,
+        5,
+        "stsb_low_lr",
+    )
+    assert "folder`), so the\n  STS-B plan's records are never redone" in text
 
 
 def test_the_shipped_mrpc_plan_continues_the_committed_runs():
@@ -93,6 +102,7 @@ def test_targets_go_in_rounds_with_the_fixed_arms_after_the_first(tmp_path, tiny
         ("task: mrpc\narms: [full]\nseeds: 2\nlrs: [a]\n", "lrs: ['a'] is not a list of numbers"),
         ("task: mrpc\narms: [full]\nseeds: 2\ncompare: [full-lora]\n", "compare: 'full-lora' is not A:B"),
         ("task: mrpc\narms: [full]\nseeds: 2\nmargin: -1\n", "margin: -1"),
+        ("task: mrpc\narms: [full]\nseeds: 2\nfolder: ../up\n", "folder: '../up' is not a folder name"),
         ("task: [mrpc\n", "not valid YAML"),
         ("- a\n", "not a mapping"),
     ],
@@ -279,13 +289,19 @@ def test_plan_command_status(tmp_path, capsys):
     assert re.search(r"lora\s+0\s+2/10\s+seed4.json \(elsewhere:1\)", out)
     assert "60 reported runs left, and LR selection runs for full, lora_budget, pyramid_small, lora_r2," in out
     assert "a finished reported run took 400 s (median of 2)" in out
+    plan = tmp_path / "again.yaml"  # the same plan in its own folder: none of those runs are its
+    plan.write_text((REPO / "ablations" / "plans" / "mrpc.yaml").read_text() + "folder: again\n")
+    ablation.main(["plan", str(plan), "--status", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"(results: {tmp_path / 'again' / 'mrpc'})" in out and "63 reported runs left" in out
 
 
 @pytest.mark.slow
 def test_two_worker_processes_run_a_real_plan_once_then_report(tmp_path, tiny_bert_dir):
     """``plan --workers 2``: two processes (torch threads split), a tiny model and 2 steps a run:
     every run happens once, across both workers, and the report follows. ``--hours`` reaches both
-    workers: with 4 ms, past before they start, neither starts a run."""
+    workers: with 4 ms, past before they start, neither starts a run. The plan's ``folder`` is
+    where everything goes, once (not once more in each worker)."""
     from tests.test_ablation import TINY
 
     plan = write_plan(
@@ -300,14 +316,16 @@ def test_two_worker_processes_run_a_real_plan_once_then_report(tmp_path, tiny_be
                 "steps": 2,
                 "compare": ["full:lora"],
                 "extra": [f"--model.model={tiny_bert_dir}", *TINY],
+                "folder": "again",
             }
         ),
     )
-    root = tmp_path / "results"
+    shared = tmp_path / "results"
+    root = shared / "again"
 
     def plan_command(*args):
         return subprocess.run(
-            [sys.executable, "-m", "msplora.ablation", "plan", str(plan), "--workers", "2", "--root", str(root), *args],
+            [sys.executable, "-m", "msplora.ablation", "plan", str(plan), "--workers", "2", "--root", str(shared), *args],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -328,7 +346,7 @@ def test_two_worker_processes_run_a_real_plan_once_then_report(tmp_path, tiny_be
         recs = [json.loads((root / "sentiment" / arm / f"seed{k}.json").read_text()) for k in range(2)]
         assert [r["seed"] for r in recs] == [0, 1] and all(r["global_step"] == 2 for r in recs)
     assert "| full | lora | 2 |" in (root / "sentiment" / "report.md").read_text()
-    assert not list(root.rglob("*.claim"))
+    assert not list(shared.rglob("*.claim")) and sorted(p.name for p in shared.iterdir()) == ["again"]
 
 
 def test_the_wait_names_only_runs_still_held(tmp_path, monkeypatch):

@@ -169,8 +169,9 @@ def plan_command(a) -> None:
     from msplora.ablation.plan import load_plan, run_workers, status, work
 
     plan = load_plan(a.plan)  # checked whole before anything runs
+    root = plan.results(a.root)
     if a.status:
-        print(status(plan, a.root))
+        print(status(plan, root))
         return
     if a.workers < 1 or (a.threads is not None and a.threads < 1):
         raise AblationError(f"--workers {a.workers} / --threads {a.threads}: need 1 or more. Fix: e.g. --workers 2")
@@ -178,7 +179,7 @@ def plan_command(a) -> None:
         raise AblationError(f"--hours {a.hours}: not a positive number of hours. Fix: e.g. --hours 2.5")
     deadline = a.deadline if a.deadline is not None else time.time() + a.hours * 3600 if a.hours else None
     if a.workers > 1:
-        code = run_workers(a.plan, a.workers, a.root, a.threads, deadline)
+        code = run_workers(a.plan, a.workers, a.root, a.threads, deadline)  # each finds the plan's folder
         if code:
             raise SystemExit(code)
     else:
@@ -187,7 +188,7 @@ def plan_command(a) -> None:
 
             torch.set_num_threads(a.threads)
         tag = f"[w{a.worker_id}] " if a.worker_id is not None else ""
-        work(plan, a.root, log=lambda line: print(tag + line, flush=True), deadline=deadline)
+        work(plan, root, log=lambda line: print(tag + line, flush=True), deadline=deadline)
     if not a.no_report:
-        print(report(plan.task, a.root, plan.baseline, plan.margin, list(plan.compare)))
-        print(status(plan, a.root))
+        print(report(plan.task, root, plan.baseline, plan.margin, list(plan.compare)))
+        print(status(plan, root))

@@ -63,6 +63,13 @@ class Plan:
     compare: tuple[tuple[str, str], ...] = ()
     extra: tuple[str, ...] = ()  # CLI overrides for every run
     steps: int | None = None  # training steps per run (None: the config's epochs; the embedded task: EMBEDDED_STEPS)
+    folder: str | None = None  # the plan's own results folder under the root (None: the root itself)
+
+    def results(self, root: Path) -> Path:
+        """The root this plan's runs go under: ``<root>/<folder>/<task>/<arm>/``. A plan that runs
+        arms of an earlier plan again with another recipe (LRs, epochs) needs its own folder: in
+        the earlier plan's, it would redo that plan's reported seeds at its own LR."""
+        return root / self.folder if self.folder else root
 
     def targets(self) -> list[tuple[str, int]]:
         """(arm, reported seeds wanted), in the order a worker takes them."""
@@ -153,6 +160,11 @@ def load_plan(name_or_path: str) -> Plan:
     extra = raw.get("extra") or []
     if not isinstance(extra, list) or not all(isinstance(x, str) and x.startswith("--") for x in extra):
         raise bad("extra", "need a list of --key=value overrides")
+    folder = raw.get("folder")
+    if folder is not None and not (
+        isinstance(folder, str) and folder and not Path(folder).is_absolute() and ".." not in Path(folder).parts
+    ):
+        raise bad("folder", f"{folder!r} is not a folder name under the results root. Fix: e.g. folder: stsb_low_lr")
     config = raw.get("config")
     if config is not None and not Path(config).is_file() and (CONFIGS.parent / config).is_file():
         config = str(CONFIGS.parent / config)  # relative to the checkout (or the wheel's resources)
@@ -172,6 +184,7 @@ def load_plan(name_or_path: str) -> Plan:
         compare=tuple(pairs),
         extra=tuple(extra),
         steps=raw.get("steps", EMBEDDED_STEPS if is_embedded(str(raw["task"]), config) else None),
+        folder=folder,
     )
 
 
